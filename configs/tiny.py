@@ -1,0 +1,26 @@
+r"""Every stage end to end on a tiny world, in seconds: for tests and smoke runs.
+
+  python -m euphonium_jax.main --config configs/tiny.py --workdir /tmp/euph_tiny
+"""
+
+from euphonium_jax import config as config_lib
+
+
+def get_config():
+  config = config_lib.get_default_config()
+  config.stages = ("vae", "pretrain", "sample")
+  config.world.frames = 4
+  config.world.size = 16
+  config.vae.channels = (8, 8, 16)
+  config.vae.num_res_blocks = (0, 0, 1)
+  config.model.width = 32
+  config.model.depth = 1
+  config.model.heads = 2
+  config.text.width = 16
+  config.text.pooled_dim = 16
+  config.text.depth = 1
+  config.text.heads = 2
+  config.vae_train.update(steps=6, batch_size=8, log_every=3, ckpt_every=3, eval_clips=8)
+  config.pretrain.update(steps=6, batch_size=8, log_every=3, ckpt_every=3, eval_every=3)
+  config.eval.update(num_prompts=8, num_steps=4, num_videos=4)
+  return config

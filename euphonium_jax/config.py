@@ -1,0 +1,344 @@
+"""The default configuration and its validation, shared by every stage.
+
+The defaults live in the package (not in `configs/`) so that a user's config file anywhere on
+disk can start from them after a plain `pip install`:
+
+  from euphonium_jax import config as config_lib
+  def get_config():
+    config = config_lib.get_default_config()
+    config.pretrain.steps = 100
+    return config
+
+`validate(config)` runs before anything compiles. A bad config raises `ConfigError` with one
+message that names the key, the value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Callable, Sequence
+
+import ml_collections
+
+STAGES = ("vae", "pretrain", "prm", "grpo", "evaluate", "sample")
+IMPLEMENTED_STAGES = ("vae", "pretrain", "sample")
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+# Network sizes derived from the world and the other networks (see embedded.network_configs).
+DERIVED_KEYS = {
+    "vae": ("frames", "resolution", "kl_weight"),
+    "model": ("in_channels", "latent_shape", "text_dim", "pooled_dim"),
+}
+
+
+class ConfigError(ValueError):
+  """A config value that cannot run: the message names key, value and what is allowed."""
+
+
+def _error(key: str, value: Any, allowed: str) -> ConfigError:
+  return ConfigError(f"config.{key} = {value!r} is invalid: {allowed}.")
+
+
+def get_default_config() -> ml_collections.ConfigDict:
+  """Every key a config may set, with the defaults of the embedded world."""
+  from euphonium_jax.models import api as models_api  # Defaults of the networks.
+  from euphonium_jax.sampling import config as sampling_config
+
+  c = ml_collections.ConfigDict()
+  c.stages = ("vae", "pretrain")
+  c.seed = 0
+
+  # The embedded world (euphonium_jax/data/world.py).
+  c.world = ml_collections.ConfigDict(dict(frames=8, size=32))
+
+  # Networks: VAE, text encoder, velocity transformer.
+  # Sizes that follow from other sections (the VAE's frames and resolution, the model's
+  # latent grid and text widths) are not keys: `embedded.network_configs` derives them.
+  nets = models_api.default_model_configs()
+  for section, derived in DERIVED_KEYS.items():
+    for key in derived:
+      del nets[section][key]
+  c.vae = nets.vae
+  c.text = nets.text
+  c.model = nets.model
+
+  # Where a stage starts from: a checkpoint directory (or an asset directory) by path; an
+  # empty string means "the output of the earlier stage in this workdir".
+  c.init = ml_collections.ConfigDict(dict(vae="", pretrain=""))
+
+  # Device mesh and logical-axis rules (logical parameter axis -> mesh axis or None).
+  c.mesh = ml_collections.ConfigDict(dict(shape=(-1, 1), axes=("data", "fsdp")))
+  c.sharding = ml_collections.ConfigDict(dict(rules=(
+      ("embed", "fsdp"),
+      ("mlp", None),
+      ("heads", None),
+      ("kv", None),
+      ("vocab", None),
+      ("conv_in", None),
+      ("conv_out", "fsdp"),
+  )))
+
+  c.vae_train = ml_collections.ConfigDict(dict(
+      steps=3000,
+      batch_size=32,
+      lr=1e-3,
+      warmup_steps=100,
+      weight_decay=0.0,
+      grad_clip=1.0,
+      kl_weight=1e-6,
+      log_every=50,
+      ckpt_every=500,
+      eval_clips=256,
+  ))
+
+  c.pretrain = ml_collections.ConfigDict(dict(
+      steps=6000,
+      batch_size=64,
+      lr=1e-3,
+      warmup_steps=200,
+      weight_decay=1e-4,
+      grad_clip=1.0,
+      ema_decay=0.999,
+      time_sampling="logit_normal",  # logit_normal | uniform
+      time_shift=1.0,  # t -> shift t / (1 + (shift - 1) t) after sampling
+      caption_dropout=0.1,  # for classifier-free guidance at sampling time
+      log_every=50,
+      eval_every=1000,
+      ckpt_every=250,
+  ))
+
+  # Evaluation by Euler ODE sampling on held-out prompts (pretrain evals, `sample` stage).
+  c.eval = ml_collections.ConfigDict(dict(
+      num_prompts=64,
+      split="heldout",
+      num_steps=30,
+      shift=7.0,
+      cfg_scale=1.0,  # classifier-free guidance; 1 = off
+      num_videos=16,  # how many go into the video grid / contact sheet
+      fps=4,
+  ))
+  c.sample = ml_collections.ConfigDict(dict(
+      prompts=(),  # captions to sample; empty -> `eval.num_prompts` held-out prompts
+      num_per_prompt=1,
+  ))
+
+  c.sampling = sampling_config.default_sampling_config()
+  return c
+
+
+# --------------------------------------------------------------------------- Schema checks
+
+# Keys whose default is None (or an empty tuple), with the types they accept.
+_FREE_TYPES = {
+    "sampling.grid": (list, tuple),
+    "sample.prompts": (list, tuple),
+}
+
+
+def _type_name(t) -> str:
+  return t.__name__ if isinstance(t, type) else "/".join(x.__name__ for x in t)
+
+
+def _check_schema(config, reference, prefix: str = "") -> None:
+  for key in config.keys():
+    path = f"{prefix}{key}"
+    if key not in reference:
+      allowed = ", ".join(sorted(reference.keys()))
+      raise ConfigError(
+          f"config.{path} is an unknown key: allowed keys under "
+          f"{'config.' + prefix[:-1] if prefix else 'config'} are {allowed}.")
+    value, default = config[key], reference[key]
+    if isinstance(default, ml_collections.ConfigDict):
+      if not isinstance(value, (ml_collections.ConfigDict, dict)):
+        raise _error(path, value, "expected a group of settings (ConfigDict)")
+      _check_schema(ml_collections.ConfigDict(value), default, path + ".")
+      continue
+    if path in _FREE_TYPES:
+      if value is not None and not isinstance(value, _FREE_TYPES[path]):
+        raise _error(path, value, f"expected None or {_type_name(_FREE_TYPES[path])}")
+      continue
+    if default is None:
+      continue
+    expected = type(default)
+    if expected is float and isinstance(value, int) and not isinstance(value, bool):
+      continue
+    if expected in (tuple, list) and isinstance(value, (tuple, list)):
+      continue
+    if isinstance(value, bool) != (expected is bool) or not isinstance(value, expected):
+      raise _error(path, value, f"expected type {expected.__name__}, got {type(value).__name__}")
+
+
+# ---------------------------------------------------------------------------- Value checks
+
+
+def _get(config, key: str):
+  node = config
+  for part in key.split("."):
+    node = node[part]
+  return node
+
+
+def _positive(config, keys: Sequence[str]) -> None:
+  for key in keys:
+    value = _get(config, key)
+    if not value > 0:
+      raise _error(key, value, "must be > 0")
+
+
+def _in_range(config, key: str, lo: float, hi: float, inclusive_hi: bool = True) -> None:
+  value = _get(config, key)
+  ok = lo <= value <= hi if inclusive_hi else lo <= value < hi
+  if not ok:
+    raise _error(key, value, f"must be in [{lo}, {hi}{']' if inclusive_hi else ')'}")
+
+
+def _one_of(config, key: str, allowed: Sequence[Any]) -> None:
+  value = _get(config, key)
+  if value not in allowed:
+    raise _error(key, value, f"allowed values are {', '.join(map(repr, allowed))}")
+
+
+def resolve_path(path: str) -> str:
+  """An absolute path, a path relative to the working directory, or to the repository."""
+  if os.path.isabs(path) or os.path.exists(path):
+    return os.path.abspath(path)
+  return os.path.join(REPO_ROOT, path)
+
+
+def _check_stages(config) -> None:
+  stages = tuple(config.stages)
+  if not stages:
+    raise _error("stages", stages, f"name at least one of {', '.join(STAGES)}")
+  for s in stages:
+    if s not in STAGES:
+      raise _error("stages", stages, f"each stage must be one of {', '.join(STAGES)}")
+    if s not in IMPLEMENTED_STAGES:
+      raise _error("stages", stages,
+                   f"stage {s!r} is not implemented yet; available: {', '.join(IMPLEMENTED_STAGES)}")
+  if len(set(stages)) != len(stages):
+    raise _error("stages", stages, "each stage may appear once")
+
+
+def _check_init_paths(config) -> None:
+  for key in config.init.keys():
+    path = config.init[key]
+    if path and not os.path.exists(resolve_path(path)):
+      raise _error(f"init.{key}", path, "the checkpoint path does not exist")
+  stages = tuple(config.stages)
+  # A stage that needs an earlier stage's output must get it from this run or from a path.
+  if "pretrain" in stages and "vae" not in stages and not config.init.vae:
+    raise _error("init.vae", config.init.vae,
+                 "the pretrain stage needs a VAE: run the 'vae' stage first or give its "
+                 "checkpoint path (e.g. 'assets/embedded')")
+  if "sample" in stages and "pretrain" not in stages and not config.init.pretrain:
+    raise _error("init.pretrain", config.init.pretrain,
+                 "the sample stage needs a flow model: run 'pretrain' first or give its "
+                 "checkpoint path (e.g. 'assets/embedded')")
+
+
+def _check_mesh(config, num_devices: int) -> None:
+  shape, axes = tuple(config.mesh.shape), tuple(config.mesh.axes)
+  if len(shape) != len(axes):
+    raise _error("mesh.shape", shape, f"needs one size per axis of config.mesh.axes={axes}")
+  for required in ("data", "fsdp"):
+    if required not in axes:
+      raise _error("mesh.axes", axes, f"must include the axis {required!r}")
+  if sum(1 for s in shape if s == -1) > 1 or any(s == 0 or s < -1 for s in shape):
+    raise _error("mesh.shape", shape, "sizes must be positive, with at most one -1 (fill)")
+  known = 1
+  for s in shape:
+    known *= s if s > 0 else 1
+  if (-1 in shape and num_devices % known) or (-1 not in shape and known != num_devices):
+    raise _error("mesh.shape", shape,
+                 f"the sizes must multiply to the device count ({num_devices})")
+  for rule in config.sharding.rules:
+    if len(rule) != 2 or (rule[1] is not None and not set(
+        rule[1] if isinstance(rule[1], (tuple, list)) else (rule[1],)) <= set(axes)):
+      raise _error("sharding.rules", rule,
+                   f"each rule is (logical_name, mesh axis in {axes} or None)")
+
+
+def _check_world_and_nets(config) -> None:
+  from euphonium_jax.data import world
+  _positive(config, ["world.frames", "world.size", "vae.latent_channels", "model.width",
+                     "model.depth", "model.heads", "text.width", "text.depth",
+                     "text.max_length"])
+  if config.world.frames < 2:
+    raise _error("world.frames", config.world.frames, "must be >= 2 (motion needs frames)")
+  if config.world.size < 16:
+    raise _error("world.size", config.world.size, "must be >= 16 pixels")
+  down_s = 2 ** (len(config.vae.channels) - 1)
+  down_t = 2 if config.vae.temporal_downsample else 1
+  if config.world.size % down_s:
+    raise _error("world.size", config.world.size,
+                 f"must be divisible by the VAE's spatial factor {down_s}")
+  if config.world.frames % down_t:
+    raise _error("world.frames", config.world.frames,
+                 f"must be divisible by the VAE's temporal factor {down_t} "
+                 "(config.vae.temporal_downsample=True)")
+  latent = (config.world.frames // down_t, config.world.size // down_s,
+            config.world.size // down_s)
+  patch = tuple(config.model.patch_size)
+  if len(patch) != 3 or any(p <= 0 for p in patch):
+    raise _error("model.patch_size", patch, "three positive sizes (time, height, width)")
+  for name, n, p in zip(("frames", "height", "width"), latent, patch):
+    if n % p:
+      raise _error("model.patch_size", patch,
+                   f"the latent {name} ({n}) must be divisible by the patch size ({p})")
+  if config.model.width % config.model.heads:
+    raise _error("model.heads", config.model.heads,
+                 f"must divide config.model.width={config.model.width}")
+  if config.text.width % config.text.heads:
+    raise _error("text.heads", config.text.heads,
+                 f"must divide config.text.width={config.text.width}")
+  _one_of(config, "model.dtype", ("float32", "bfloat16"))
+  _one_of(config, "vae.dtype", ("float32", "bfloat16"))
+  _one_of(config, "model.remat", ("none", "full", "dots"))
+  _one_of(config, "model.pos_embed", ("sincos", "learned"))
+  _one_of(config, "model.attention_impl", ("xla", "cudnn", "auto"))
+  if len(config.vae.channels) < 2 or any(ch <= 0 for ch in config.vae.channels):
+    raise _error("vae.channels", config.vae.channels,
+                 "at least two positive widths (the spatial factor is 2 ** (levels - 1))")
+  if config.text.vocab_size < len(set(w.lower() for w in world.vocabulary())) + 3:
+    raise _error("text.vocab_size", config.text.vocab_size,
+                 "must hold the world's vocabulary plus [PAD], [UNK] and [CLS]")
+
+
+def _check_training(config) -> None:
+  for section in ("vae_train", "pretrain"):
+    _positive(config, [f"{section}.steps", f"{section}.batch_size", f"{section}.lr",
+                       f"{section}.log_every", f"{section}.ckpt_every"])
+    for key in ("warmup_steps", "weight_decay", "grad_clip"):
+      if _get(config, f"{section}.{key}") < 0:
+        raise _error(f"{section}.{key}", _get(config, f"{section}.{key}"), "must be >= 0")
+  _positive(config, ["pretrain.eval_every", "pretrain.time_shift", "eval.num_prompts",
+                     "eval.num_steps", "eval.shift", "eval.fps", "vae_train.eval_clips",
+                     "sample.num_per_prompt"])
+  _in_range(config, "pretrain.ema_decay", 0.0, 1.0, inclusive_hi=False)
+  _in_range(config, "pretrain.caption_dropout", 0.0, 1.0, inclusive_hi=False)
+  _one_of(config, "pretrain.time_sampling", ("logit_normal", "uniform"))
+  _one_of(config, "eval.split", ("train", "heldout", "all"))
+  if config.eval.cfg_scale < 0:
+    raise _error("eval.cfg_scale", config.eval.cfg_scale, "must be >= 0 (1 = off)")
+  if config.eval.cfg_scale != 1.0 and config.pretrain.caption_dropout == 0:
+    raise _error("eval.cfg_scale", config.eval.cfg_scale,
+                 "classifier-free guidance needs a model trained with "
+                 "config.pretrain.caption_dropout > 0")
+
+
+def validate(config, num_devices: int | None = None) -> None:
+  """Raises ConfigError (key, value, what is allowed) for any config that cannot run."""
+  import jax  # Only for the device count.
+  from euphonium_jax.sampling import config as sampling_config
+
+  _check_schema(config, get_default_config())
+  _check_stages(config)
+  _check_world_and_nets(config)
+  _check_training(config)
+  _check_mesh(config, jax.device_count() if num_devices is None else num_devices)
+  _check_init_paths(config)
+  try:
+    sampling_config.sampler_config_from(config.sampling)
+  except ValueError as e:
+    raise ConfigError(str(e)) from None

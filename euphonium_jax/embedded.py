@@ -1,0 +1,169 @@
+"""The embedded world's model bundle: build, load and call its VAE, text encoder and flow model.
+
+Every stage that touches the embedded world goes through here, so that "which networks, from
+which checkpoint, with which prompts" has one answer. Networks are built without eager
+sharding (their parameters carry logical axis names; `parallel.state_shardings` maps them).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any, Callable
+
+import jax
+import ml_collections
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from euphonium_jax import checkpoint
+from euphonium_jax.data import world
+from euphonium_jax.models import api as models_api
+from euphonium_jax.models import text as text_lib
+
+NULL_PROMPT = ""  # the unconditional caption (classifier-free guidance, caption dropout)
+
+
+def network_configs(config) -> ml_collections.ConfigDict:
+  """config.{vae,text,model} with the sizes derived from the world filled in."""
+  nets = ml_collections.ConfigDict({k: config[k].to_dict() for k in ("vae", "text", "model")})
+  down_t = 2 if config.vae.temporal_downsample else 1
+  down_s = 2 ** (len(config.vae.channels) - 1)
+  nets.vae.frames = config.world.frames
+  nets.vae.resolution = config.world.size
+  nets.vae.kl_weight = config.vae_train.kl_weight
+  nets.model.in_channels = config.vae.latent_channels
+  nets.model.latent_shape = (config.world.frames // down_t, config.world.size // down_s,
+                             config.world.size // down_s)
+  nets.model.text_dim = config.text.width
+  nets.model.pooled_dim = config.text.pooled_dim
+  models_api.validate_model_configs(nets)
+  return nets
+
+
+def build(kind: str, config, seed: int = 0) -> nnx.Module:
+  """A freshly initialised network: kind in {'vae', 'text', 'model'}."""
+  make = {"vae": models_api.make_vae, "text": models_api.make_text_encoder,
+          "model": models_api.make_dit}[kind]
+  with nnx.use_eager_sharding(False):
+    return make(network_configs(config)[kind], nnx.Rngs(seed))
+
+
+def abstract(kind: str, config) -> nnx.Module:
+  """The network's shapes only (nothing allocated)."""
+  with nnx.use_eager_sharding(False):
+    return nnx.eval_shape(lambda: build(kind, config))
+
+
+def split_params(module: nnx.Module):
+  """(graphdef, params as a pure dict, other state as a pure dict)."""
+  graphdef, params, rest = nnx.split(module, nnx.Param, ...)
+  return graphdef, nnx.to_pure_dict(params), nnx.to_pure_dict(rest)
+
+
+# ------------------------------------------------------------------------------- Prompts
+
+
+@dataclasses.dataclass(frozen=True)
+class PromptTable:
+  """Token ids of every caption of the world, indexed by combo, plus the null caption.
+
+  Lets a jitted step turn attribute triples into text inputs without leaving the device.
+  """
+  ids: np.ndarray  # int32 [num_combos + 1, L]; the last row is the null caption
+  mask: np.ndarray  # bool [num_combos + 1, L]
+
+  @property
+  def null_index(self) -> int:
+    return self.ids.shape[0] - 1
+
+
+def combo_index(attrs: jax.Array) -> jax.Array:
+  """[n, 3] (colour, shape, direction) -> [n] index into `PromptTable` rows."""
+  ns, nd = len(world.SHAPES), len(world.DIRECTIONS)
+  return attrs[..., 0] * (ns * nd) + attrs[..., 1] * nd + attrs[..., 2]
+
+
+def tokenizer(config):
+  return text_lib.build_tokenizer(world.vocabulary(), max_length=config.text.max_length)
+
+
+def prompt_table(config) -> PromptTable:
+  everything = [(c, s, d) for c in range(len(world.COLOURS)) for s in range(len(world.SHAPES))
+                for d in range(len(world.DIRECTIONS))]
+  caps = world.captions(np.asarray(everything, np.int32)) + [NULL_PROMPT]
+  ids, mask = text_lib.tokenize(tokenizer(config), caps, config.text.max_length)
+  return PromptTable(ids=ids, mask=mask)
+
+
+def tokenize(config, prompts) -> tuple[np.ndarray, np.ndarray]:
+  return text_lib.tokenize(tokenizer(config), list(prompts), config.text.max_length)
+
+
+# ------------------------------------------------------------------------------ Loading
+
+
+def vae_dir(config, workdir: str) -> str:
+  return checkpoint_dir(config.init.vae, workdir, "vae")
+
+
+def flow_dir(config, workdir: str) -> str:
+  return checkpoint_dir(config.init.pretrain, workdir, "pretrain")
+
+
+def checkpoint_dir(init_path: str, workdir: str, stage: str) -> str:
+  """A finished stage's directory: from the config's path, else this workdir's stage."""
+  if init_path:
+    from euphonium_jax.config import resolve_path
+    path = resolve_path(init_path)
+    sub = os.path.join(path, stage)
+    return sub if checkpoint.is_done(sub) else path
+  return os.path.join(workdir, stage, "final")
+
+
+def load(kind: str, config, directory: str, key: str | None = None):
+  """(graphdef, params, rest) of a network restored from a finished stage directory.
+
+  `key` names the entry in the checkpoint (defaults to `kind`; e.g. 'ema_model').
+  """
+  graphdef, params, rest = split_params(abstract(kind, config))
+  tree = checkpoint.load_final(directory)
+  entry = tree[key or kind]
+  try:
+    params = jax.tree.map(lambda a, b: jnp.asarray(b, a.dtype), params, entry["params"])
+    rest = jax.tree.map(lambda a, b: jnp.asarray(b, a.dtype), rest, entry["rest"])
+  except ValueError as e:
+    raise ValueError(
+        f"the {kind} checkpoint in {directory} does not match config.{kind} "
+        f"(different sizes?): {e}") from None
+  return graphdef, params, rest
+
+
+# -------------------------------------------------------------------------- Pure calls
+# The adapters of models/api.py turn graphdefs into pure functions of a (params, rest) tuple:
+#   velocity((params, rest), x_t, t, text), text_fn((params, rest), ids, mask),
+#   encode((params, rest), frames), decode((params, rest), z).
+velocity_fn = models_api.make_velocity_fn
+text_fn = models_api.make_text_fn
+encode_fn = models_api.make_encode_fn
+decode_fn = models_api.make_decode_fn
+
+
+def cfg_velocity(velocity: Callable, scale: float, null_text: dict[str, jax.Array]):
+  """Classifier-free guidance: v_u + scale (v_c - v_u); scale 1 is the plain velocity."""
+  if scale == 1.0:
+    return velocity
+
+  def fn(params, x, t, text):
+    b = x.shape[0]
+    null = jax.tree.map(lambda a: jnp.broadcast_to(a[:1], (b,) + a.shape[1:]), null_text)
+    both = jax.tree.map(lambda c, u: jnp.concatenate([c, u]), text, null)
+    v = velocity(params, jnp.concatenate([x, x]), jnp.concatenate([t, t]), both)
+    return v[b:] + scale * (v[:b] - v[b:])
+  return fn
+
+
+def latent_shape(config) -> tuple[int, int, int, int]:
+  """(T', h, w, C) of the VAE latent for the configured world."""
+  return tuple(network_configs(config).model.latent_shape) + (config.vae.latent_channels,)

@@ -1,0 +1,81 @@
+"""What every training stage shares: the optimiser, the sharded train state, preemption.
+
+A train state is a plain dict pytree `{'params', 'opt', 'step', ...}` of pure-dict parameter
+trees (from `nnx.split` + `nnx.to_pure_dict`): orbax saves it as is and `nnx.merge` accepts
+the parameter dicts directly.
+"""
+
+from __future__ import annotations
+
+import signal
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding
+
+from euphonium_jax import parallel
+
+
+def optimizer(lr: float, warmup_steps: int, weight_decay: float, grad_clip: float,
+              b1: float = 0.9, b2: float = 0.999) -> optax.GradientTransformation:
+  """AdamW after global-norm clipping, linear warmup then a constant rate."""
+  schedule = optax.join_schedules(
+      [optax.linear_schedule(0.0, lr, max(warmup_steps, 1)), optax.constant_schedule(lr)],
+      [max(warmup_steps, 1)]) if warmup_steps > 0 else lr
+  parts = [optax.clip_by_global_norm(grad_clip)] if grad_clip > 0 else []
+  parts.append(optax.adamw(schedule, b1=b1, b2=b2, weight_decay=weight_decay))
+  return optax.chain(*parts)
+
+
+def param_shardings(module_or_state, mesh: Mesh, rules) -> Any:
+  """Pure-dict tree of NamedShardings for a module's nnx.Param leaves (logical rules)."""
+  state = module_or_state
+  if isinstance(module_or_state, nnx.Module):
+    state = nnx.state(module_or_state, nnx.Param)
+  return nnx.to_pure_dict(parallel.state_shardings(state, mesh, rules))
+
+
+def opt_shardings(tx: optax.GradientTransformation, params: Any, p_shardings: Any,
+                  mesh: Mesh) -> Any:
+  """Shardings of the optimiser state: moments follow their parameters, scalars replicate."""
+  abstract_opt = jax.eval_shape(tx.init, params)
+  return optax.tree_map_params(
+      tx, lambda _, s: s, abstract_opt, p_shardings,
+      transform_non_params=lambda _: parallel.replicated(mesh),
+      is_leaf=lambda x: isinstance(x, NamedSharding))
+
+
+def place(tree: Any, shardings: Any) -> Any:
+  return jax.tree.map(lambda x, s: jax.device_put(x, s), tree, shardings)
+
+
+def all_finite(tree: Any) -> jax.Array:
+  leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]
+  return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
+
+
+class Preemption:
+  """Turns SIGTERM into a flag the loop checks: save, then exit cleanly."""
+
+  def __init__(self):
+    self.requested = False
+    self._previous = None
+
+  def __enter__(self):
+    try:
+      self._previous = signal.signal(signal.SIGTERM, self._handle)
+    except ValueError:  # Not the main thread (e.g. inside a notebook worker).
+      self._previous = None
+    return self
+
+  def _handle(self, signum, frame):
+    del signum, frame
+    self.requested = True
+
+  def __exit__(self, *exc):
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+    return False
