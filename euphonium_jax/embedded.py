@@ -20,6 +20,7 @@ from flax import nnx
 from euphonium_jax import checkpoint
 from euphonium_jax.data import world
 from euphonium_jax.models import api as models_api
+from euphonium_jax.models import prm as models_prm
 from euphonium_jax.models import text as text_lib
 
 NULL_PROMPT = ""  # the unconditional caption (classifier-free guidance, caption dropout)
@@ -42,8 +43,20 @@ def network_configs(config) -> ml_collections.ConfigDict:
   return nets
 
 
+def prm_network_config(config) -> ml_collections.ConfigDict:
+  """The PRM's flat network config: the velocity model's keys with config.prm's sizes."""
+  cfg = ml_collections.ConfigDict(network_configs(config).model.to_dict())
+  p = config.prm
+  cfg.update(depth=p.depth, width=p.width or cfg.width, heads=p.heads or cfg.heads,
+             num_queries=p.num_queries, head_width=p.head_width)
+  return cfg
+
+
 def build(kind: str, config, seed: int = 0) -> nnx.Module:
-  """A freshly initialised network: kind in {'vae', 'text', 'model'}."""
+  """A freshly initialised network: kind in {'vae', 'text', 'model', 'prm'}."""
+  if kind == "prm":
+    with nnx.use_eager_sharding(False):
+      return models_prm.make_prm(prm_network_config(config), nnx.Rngs(seed))
   make = {"vae": models_api.make_vae, "text": models_api.make_text_encoder,
           "model": models_api.make_dit}[kind]
   with nnx.use_eager_sharding(False):
@@ -122,32 +135,52 @@ def checkpoint_dir(init_path: str, workdir: str, stage: str) -> str:
   return os.path.join(workdir, stage, "final")
 
 
-def load(kind: str, config, directory: str, key: str | None = None):
+def load(kind: str, config, directory: str, tree: dict | None = None):
   """(graphdef, params, rest) of a network restored from a finished stage directory.
 
-  `key` names the entry in the checkpoint (defaults to `kind`; e.g. 'ema_model').
+  `tree`: the directory's arrays when already read (`checkpoint.load_final`).
   """
   graphdef, params, rest = split_params(abstract(kind, config))
-  tree = checkpoint.load_final(directory)
-  entry = tree[key or kind]
+  tree = checkpoint.load_final(directory) if tree is None else tree
+  if kind not in tree:
+    raise ValueError(f"{directory} holds no {kind!r} network (it has {sorted(tree)})")
+  entry = tree[kind]
   try:
-    params = jax.tree.map(lambda a, b: jnp.asarray(b, a.dtype), params, entry["params"])
-    rest = jax.tree.map(lambda a, b: jnp.asarray(b, a.dtype), rest, entry["rest"])
-  except ValueError as e:
+    params = _match(params, entry["params"])
+    rest = _match(rest, entry["rest"])
+  except (KeyError, ValueError) as e:
     raise ValueError(
         f"the {kind} checkpoint in {directory} does not match config.{kind} "
         f"(different sizes?): {e}") from None
   return graphdef, params, rest
 
 
+def _match(template, restored, path: str = ""):
+  """`restored` arranged as `template` (orbax returns list indices as string keys)."""
+  if isinstance(template, dict):
+    if not isinstance(restored, dict):
+      raise ValueError(f"{path or 'root'}: expected a group, found an array")
+    missing = [k for k in template if k not in restored and str(k) not in restored]
+    if missing or len(restored) != len(template):
+      raise ValueError(f"{path or 'root'}: checkpoint keys {sorted(map(str, restored))} "
+                       f"!= model keys {sorted(map(str, template))}")
+    return {k: _match(v, restored[k] if k in restored else restored[str(k)], f"{path}/{k}")
+            for k, v in template.items()}
+  if tuple(template.shape) != tuple(np.shape(restored)):
+    raise ValueError(f"{path}: checkpoint shape {np.shape(restored)} != model shape "
+                     f"{tuple(template.shape)}")
+  return jnp.asarray(restored, template.dtype)
+
+
 # -------------------------------------------------------------------------- Pure calls
 # The adapters of models/api.py turn graphdefs into pure functions of a (params, rest) tuple:
 #   velocity((params, rest), x_t, t, text), text_fn((params, rest), ids, mask),
-#   encode((params, rest), frames), decode((params, rest), z).
+#   encode((params, rest), frames), decode((params, rest), z), prm((params, rest), x_t, t, text).
 velocity_fn = models_api.make_velocity_fn
 text_fn = models_api.make_text_fn
 encode_fn = models_api.make_encode_fn
 decode_fn = models_api.make_decode_fn
+prm_fn = models_prm.make_prm_fn  # prm((params, rest), x_t, t, text) -> [B]
 
 
 def cfg_velocity(velocity: Callable, scale: float, null_text: dict[str, jax.Array]):

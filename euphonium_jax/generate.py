@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from euphonium_jax import embedded, parallel, report
+from euphonium_jax import checkpoint, embedded, parallel, report
 from euphonium_jax.data import world
 from euphonium_jax.rewards import registry as rewards
 from euphonium_jax import sampling
@@ -38,10 +38,9 @@ class Generator:
   @classmethod
   def from_checkpoint(cls, config, directory: str, mesh=None) -> "Generator":
     """Loads VAE, text encoder and flow model from a finished pretrain dir (or assets)."""
-    return cls(config, embedded.load("vae", config, directory),
-               embedded.load("text", config, directory),
-               embedded.load("model", config, directory),
-               mesh or parallel.mesh_from_config(config))
+    tree = checkpoint.load_final(directory)
+    nets = [embedded.load(k, config, directory, tree) for k in ("vae", "text", "model")]
+    return cls(config, *nets, mesh or parallel.mesh_from_config(config))
 
   @functools.cached_property
   def _text_program(self):
@@ -63,9 +62,10 @@ class Generator:
 
     def program(params, key, cond, null):
       v = embedded.cfg_velocity(velocity, c.eval.cfg_scale, null)
-      out = sampling.rollout(v, None, params["model"], None, key, cond, sampler, shape)
-      frames = decode(params["vae"], out.x0_hat)
-      return frames, out.x0_hat
+      rollout = sampling.make_rollout(v, None, sampler, parallel.batch_sharding(self.mesh, 5))
+      b = jax.tree.leaves(cond)[0].shape[0]
+      out = rollout(params["model"], None, key, cond, (b,) + tuple(shape))
+      return decode(params["vae"], out.x0_hat), out.x0_hat
 
     return jax.jit(program)
 

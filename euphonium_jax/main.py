@@ -47,6 +47,7 @@ def run(config, workdir: str) -> None:
 
 def main(argv) -> None:
   del argv
+  logging.set_verbosity(logging.WARNING)  # orbax logs every read and write at INFO
   if _WORKDIR.value is None:
     print("error: --workdir is required", file=sys.stderr)
     sys.exit(2)

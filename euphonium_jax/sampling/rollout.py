@@ -1,0 +1,159 @@
+"""The rollout: N SDE steps in one `lax.scan`, guidance by the PRM gradient inside the body.
+
+`make_rollout(velocity_fn, prm_fn, cfg)` returns a pure function
+
+  rollout(params, prm_params, key, cond, latent_shape, x_init=None) -> Rollout
+
+to be jitted with `latent_shape` static: `jax.jit(rollout, static_argnames='latent_shape')`.
+The whole guided rollout is one compiled program (no host round trips between steps).
+
+`x_init` `[B, ...]` replaces the initial noise when given (e.g. to reuse a stored one).
+
+Randomness. `key` is split into an initial-noise key and a step key; step i draws its
+noise from `fold_in(step_key, i)`. Noise is drawn for the whole (global) batch from one
+key; with JAX's partitionable threefry (the default) each device computes exactly its
+slice of that global draw, so under `jit` over a batch sharded across devices and hosts
+every sample gets different noise and the result does not depend on the sharding. The
+key must therefore be the same on every process (it is a replicated input): do NOT fold
+`jax.process_index()` into it for a global-batch rollout. When each process instead
+samples its own local batch (no global array), call `local_key(key)` first, which folds in
+the process index. With `share_noise_in_group`, consecutive groups of `group_size` samples
+share one initial noise (the GRPO group of one prompt); step noise is never shared.
+
+PRM. `prm_fn(prm_params, x, t, cond) -> [B]`. Samples are independent, so the per-sample
+gradient is `grad_x sum_b R_b`: `jax.value_and_grad(..., has_aux=True)` of the sum returns
+it together with the per-sample values, which are recorded as the process rewards of the
+guided steps. With guidance off and `score_unguided_steps` False there are no PRM calls.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, NamedTuple, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from euphonium_jax.sampling.config import SamplerConfig
+from euphonium_jax.sampling.schedules import grid_arrays
+from euphonium_jax.sampling.step import sde_step, x0_hat as _x0_hat
+
+VelocityFn = Callable[[Any, jax.Array, jax.Array, Any], jax.Array]
+PrmFn = Callable[[Any, jax.Array, jax.Array, Any], jax.Array]
+
+
+class Rollout(NamedTuple):
+  """A batch of trajectories, batch-first.
+
+  latents: `[B, N + 1, ...]` x_{t_0} (initial noise) ... x_{t_N}, float32.
+  logprobs: `[B, N]` log pi of each drawn transition (float32).
+  process_rewards: `[B, N]` PRM value at the pre-step latent (0 where not scored).
+  x0_hat: `[B, ...]` clean estimate `x - t v` of the last step (what the ORM scores).
+  timesteps: `[N + 1]` the grid.  key: the key the rollout used (its input).
+  """
+  latents: jax.Array
+  logprobs: jax.Array
+  process_rewards: jax.Array
+  x0_hat: jax.Array
+  timesteps: jax.Array
+  key: jax.Array
+
+
+def local_key(key: jax.Array) -> jax.Array:
+  """`fold_in(key, process_index)`: for per-process local batches only (see module doc)."""
+  return jax.random.fold_in(key, jax.process_index())
+
+
+def standard_normal(key: jax.Array, shape: Sequence[int]) -> jax.Array:
+  """N(0, I) float32 of `shape` `[B, ...]`, drawn as `[B, prod(...)]` and reshaped (the same
+  numbers; XLA:CPU compiles the 2-D draw several times faster than a 5-D one)."""
+  shape = tuple(shape)
+  return jax.random.normal(key, (shape[0], math.prod(shape[1:])), jnp.float32).reshape(shape)
+
+
+def initial_noise(key: jax.Array, latent_shape: Sequence[int], cfg: SamplerConfig) -> jax.Array:
+  """Standard normal `[B, ...]` float32; shared within consecutive groups if configured."""
+  b = latent_shape[0]
+  if not cfg.share_noise_in_group or cfg.group_size == 1:
+    return standard_normal(key, latent_shape)
+  if b % cfg.group_size:
+    raise ValueError(f"sampling.group_size = {cfg.group_size} must divide the batch size "
+                     f"{b} when sampling.share_noise_in_group is True")
+  n_groups = b // cfg.group_size
+  z = standard_normal(key, (n_groups,) + tuple(latent_shape[1:]))
+  return jnp.repeat(z, cfg.group_size, axis=0)
+
+
+def normalize_grad(grad: jax.Array) -> jax.Array:
+  """Per-sample unit root-mean-square over the latent dims (size-independent magnitude)."""
+  flat = grad.reshape(grad.shape[0], -1)
+  rms = jnp.sqrt(jnp.mean(flat * flat, axis=-1))
+  return grad / (rms.reshape((-1,) + (1,) * (grad.ndim - 1)) + 1e-12)
+
+
+def make_rollout(velocity_fn: VelocityFn, prm_fn: Optional[PrmFn], cfg: SamplerConfig,
+                 batch_sharding: Optional[jax.sharding.Sharding] = None):
+  """Builds the pure rollout for `cfg` (see module doc). `batch_sharding`, if given, is
+  applied to the latent carry with `with_sharding_constraint` (e.g.
+  `NamedSharding(mesh, P('data'))` on a mesh with `AxisType.Auto` axes)."""
+  arrs = grid_arrays(cfg)
+  n = cfg.num_steps
+  use_grad = bool(arrs.guided.any())
+  use_prm = bool(arrs.scored.any())
+  if use_prm and prm_fn is None:
+    raise ValueError(f"sampling.guidance.mode = {cfg.guidance.mode!r} / "
+                     f"sampling.score_unguided_steps = {cfg.score_unguided_steps} need a PRM, "
+                     "but prm_fn is None: pass one, or set guidance.mode = 'off' and "
+                     "score_unguided_steps = False")
+  # Branch per step: 0 = plain, 1 = PRM forward only, 2 = PRM value and gradient.
+  branch = np.where(arrs.guided, 2, np.where(arrs.scored, 1, 0)).astype(np.int32)
+
+  def constrain(x):
+    return x if batch_sharding is None else jax.lax.with_sharding_constraint(x, batch_sharding)
+
+  def rollout(params, prm_params, key, cond, latent_shape, x_init=None) -> Rollout:
+    latent_shape = tuple(latent_shape)
+    b = latent_shape[0]
+    k_init, k_steps = jax.random.split(key)
+    x = initial_noise(k_init, latent_shape, cfg) if x_init is None else x_init
+    x = constrain(x.astype(jnp.float32))
+
+    def prm_plain(x, t_b):
+      return jnp.zeros_like(x), jnp.zeros((b,), jnp.float32)
+
+    def prm_value(x, t_b):
+      r = prm_fn(prm_params, x, t_b, cond).astype(jnp.float32)
+      return jnp.zeros_like(x), r
+
+    def prm_value_and_grad(x, t_b):
+      def total(y):
+        r = prm_fn(prm_params, y, t_b, cond).astype(jnp.float32)
+        return jnp.sum(r), r
+      (_, r), grad = jax.value_and_grad(total, has_aux=True)(x)
+      grad = grad.astype(jnp.float32)
+      return (normalize_grad(grad) if cfg.guidance.normalize else grad), r
+
+    def body(carry, inp):
+      x, _ = carry
+      i, t, t_next, g, coef, br = inp
+      t_b = jnp.full((b,), t, jnp.float32)
+      v = velocity_fn(params, x, t_b, cond)
+      if use_prm:
+        branches = [prm_plain, prm_value] + ([prm_value_and_grad] if use_grad else [])
+        grad, r = jax.lax.switch(br, branches, x, t_b)
+      else:
+        grad, r = None, jnp.zeros((b,), jnp.float32)
+      noise = standard_normal(jax.random.fold_in(k_steps, i), latent_shape)
+      out = sde_step(x, v, t, t_next, g, noise, guidance_grad=grad if use_grad else None,
+                     guidance_coef=coef, logprob_mean=cfg.logprob_mean)
+      x_new = constrain(out.sample)
+      return (x_new, _x0_hat(x, v, t)), (x_new, out.logprob, r)
+
+    xs = (jnp.arange(n, dtype=jnp.int32), jnp.asarray(arrs.t[:-1]), jnp.asarray(arrs.t[1:]),
+          jnp.asarray(arrs.g), jnp.asarray(arrs.guide_coef), jnp.asarray(branch))
+    (_, x0), (samples, lps, rs) = jax.lax.scan(body, (x, jnp.zeros_like(x)), xs)
+    latents = jnp.concatenate([x[None], samples], axis=0)
+    return Rollout(latents=jnp.moveaxis(latents, 0, 1), logprobs=lps.T,
+                   process_rewards=rs.T, x0_hat=x0, timesteps=jnp.asarray(arrs.t), key=key)
+
+  return rollout
