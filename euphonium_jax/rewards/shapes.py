@@ -40,7 +40,7 @@ COLOUR_OTHER, COLOUR_TEMP = 0.9, 0.02
 # Shape: bounding-box fill ratio of each shape under this mask (measured on clean renders),
 # tolerance; aspect tolerance (log height / width); area coefficient-of-variation tolerance.
 FILL_TARGET = (0.79, 0.997, 0.555)
-FILL_TOL, ASPECT_TOL, AREA_CV_TOL = 0.08, 0.15, 0.06
+FILL_TOL, ASPECT_TOL, AREA_CV_TOL = 0.12, 0.15, 0.06
 # Plausible object area at 32 px (clean renders span ~30-200 px^2), scaled by (size / 32)^2.
 AREA_RANGE, AREA_TEMP = (14.0, 320.0), 4.0
 # Motion: the slowest clean speed at 32 px; step jitter and perpendicular tolerances (px).
