@@ -8,7 +8,7 @@ from euphonium_jax import config as config_lib
 
 def get_config():
   config = config_lib.get_default_config()
-  config.stages = ("vae", "pretrain", "sample")
+  config.stages = ("vae", "pretrain", "prm", "sample")
   config.world.frames = 4
   config.world.size = 16
   config.vae.channels = (8, 8, 16)
@@ -21,6 +21,9 @@ def get_config():
   config.text.depth = 1
   config.text.heads = 2
   config.vae_train.update(steps=6, batch_size=8, log_every=3, ckpt_every=3, eval_clips=8)
-  config.pretrain.update(steps=6, batch_size=8, log_every=3, ckpt_every=3, eval_every=3)
+  config.pretrain.update(steps=6, batch_size=8, dataset_size=64, log_every=3, ckpt_every=3, eval_every=3)
   config.eval.update(num_prompts=8, num_steps=4, num_videos=4)
+  config.prm.update(depth=1, head_width=32, steps=10, batch_size=16, log_every=5, ckpt_every=5)
+  config.prm.data.update(num_prompts=8, group_size=4, chunk_prompts=4, num_steps=6)
+  config.prm.report.update(num_prompts=4, ode_steps=3)
   return config

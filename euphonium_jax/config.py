@@ -21,7 +21,7 @@ from typing import Any, Callable, Sequence
 import ml_collections
 
 STAGES = ("vae", "pretrain", "prm", "grpo", "evaluate", "sample")
-IMPLEMENTED_STAGES = ("vae", "pretrain", "sample")
+IMPLEMENTED_STAGES = ("vae", "pretrain", "prm", "sample")
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -65,7 +65,7 @@ def get_default_config() -> ml_collections.ConfigDict:
 
   # Where a stage starts from: a checkpoint directory (or an asset directory) by path; an
   # empty string means "the output of the earlier stage in this workdir".
-  c.init = ml_collections.ConfigDict(dict(vae="", pretrain=""))
+  c.init = ml_collections.ConfigDict(dict(vae="", pretrain="", prm=""))
 
   # Device mesh and logical-axis rules (logical parameter axis -> mesh axis or None).
   c.mesh = ml_collections.ConfigDict(dict(shape=(-1, 1), axes=("data", "fsdp")))
@@ -80,9 +80,9 @@ def get_default_config() -> ml_collections.ConfigDict:
   )))
 
   c.vae_train = ml_collections.ConfigDict(dict(
-      steps=3000,
-      batch_size=32,
-      lr=1e-3,
+      steps=2500,
+      batch_size=16,
+      lr=2e-3,
       warmup_steps=100,
       weight_decay=0.0,
       grad_clip=1.0,
@@ -103,6 +103,7 @@ def get_default_config() -> ml_collections.ConfigDict:
       time_sampling="logit_normal",  # logit_normal | uniform
       time_shift=1.0,  # t -> shift t / (1 + (shift - 1) t) after sampling
       caption_dropout=0.1,  # for classifier-free guidance at sampling time
+      dataset_size=16384,  # clips encoded once and reused; 0 = fresh clips every step
       log_every=50,
       eval_every=1000,
       ckpt_every=250,
@@ -124,7 +125,52 @@ def get_default_config() -> ml_collections.ConfigDict:
   ))
 
   c.sampling = sampling_config.default_sampling_config()
+  c.prm = _default_prm_config()
   return c
+
+
+def _default_prm_config() -> ml_collections.ConfigDict:
+  """The `prm` stage: a latent process reward model trained on the base model's rollouts."""
+  from ml_collections import config_dict
+  return ml_collections.ConfigDict(dict(
+      # Network: the first `depth` (K) blocks of the video transformer, a learned-query
+      # attention pool, an MLP head. width / heads 0 = the velocity model's (required with
+      # init_from_base, which copies the base model's patch/time embeddings and K blocks).
+      depth=2, width=0, heads=0, num_queries=4, head_width=128, init_from_base=True,
+      sigmoid_output=False,  # the PRM function returns sigmoid(logit) instead of the logit
+      reward="shapes_fidelity",  # the outcome reward that labels the rollouts
+      # Rollout data: unguided SDE rollouts of the base model on training prompts, every
+      # step's latent kept, the decoded final clean estimate scored; cached in chunks.
+      data=ml_collections.ConfigDict(dict(
+          num_prompts=512, group_size=8, chunk_prompts=16, split="train",
+          sampler="dance_grpo",  # a sampling preset; its guidance is always switched off
+          num_steps=16, shift=5.0, eta=config_dict.placeholder(float),  # None = preset's
+          share_noise=False,  # one initial noise per group (GRPO's setting) or independent
+          cfg_scale=1.0,  # classifier-free guidance of the base model (1 = off)
+      )),
+      # Training on (x_t, t, text) -> reward.
+      loss="regression",  # regression | bce | bradley_terry (pairs within a group and step)
+      # Training states: the stored rollout states x_t; or the rollout's clean estimate x0
+      # noised afresh at the same t, (1 - t) x0 + t eps (unlimited noise augmentation; its
+      # regression optimum is E[r | x_t] of the interpolation, the memoryless value); or both.
+      states="both",  # rollout | renoised | both (half and half)
+      # The regression label: reward | log (log(reward + log_eps)) | quantile (the reward's
+      # rank among the training rollouts, in (0, 1): what rank correlation measures).
+      target="quantile",
+      log_eps=1e-3,
+      bce_threshold=0.5,  # bce labels: reward > threshold
+      bt_margin=0.0,  # bradley_terry pairs: r_i > r_j + margin
+      steps=800, batch_size=64, lr=3e-4, warmup_steps=100, weight_decay=1e-4,
+      grad_clip=1.0, log_every=50, ckpt_every=500,
+      # Quality report on held-out prompts (WORKDIR/prm/report.{json,png}).
+      report=ml_collections.ConfigDict(dict(
+          split="heldout", num_prompts=32,  # rollouts: num_prompts x data.group_size
+          time_buckets=(0.0, 0.25, 0.5, 0.75, 1.0),  # bucket edges of t for the correlations
+          guidance_t=0.5,  # the guidance check starts from the grid step nearest this t
+          guidance_step=0.05,  # RMS per latent element of the gradient / random step
+          ode_steps=8,  # Euler ODE steps that finish the perturbed states
+      )),
+  ))
 
 
 # --------------------------------------------------------------------------- Schema checks
@@ -132,6 +178,7 @@ def get_default_config() -> ml_collections.ConfigDict:
 # Keys whose default is None (or an empty tuple), with the types they accept.
 _FREE_TYPES = {
     "sampling.grid": (list, tuple),
+    "prm.data.eta": (int, float),
     "sample.prompts": (list, tuple),
 }
 
@@ -231,10 +278,11 @@ def _check_init_paths(config) -> None:
     raise _error("init.vae", config.init.vae,
                  "the pretrain stage needs a VAE: run the 'vae' stage first or give its "
                  "checkpoint path (e.g. 'assets/embedded')")
-  if "sample" in stages and "pretrain" not in stages and not config.init.pretrain:
-    raise _error("init.pretrain", config.init.pretrain,
-                 "the sample stage needs a flow model: run 'pretrain' first or give its "
-                 "checkpoint path (e.g. 'assets/embedded')")
+  for stage in ("sample", "prm"):
+    if stage in stages and "pretrain" not in stages and not config.init.pretrain:
+      raise _error("init.pretrain", config.init.pretrain,
+                   f"the {stage} stage needs a flow model: run 'pretrain' first or give its "
+                   "checkpoint path (e.g. 'assets/embedded')")
 
 
 def _check_mesh(config, num_devices: int) -> None:
@@ -312,6 +360,9 @@ def _check_training(config) -> None:
     for key in ("warmup_steps", "weight_decay", "grad_clip"):
       if _get(config, f"{section}.{key}") < 0:
         raise _error(f"{section}.{key}", _get(config, f"{section}.{key}"), "must be >= 0")
+  if config.pretrain.dataset_size < 0:
+    raise _error("pretrain.dataset_size", config.pretrain.dataset_size,
+                 "must be >= 0 (0 = render and encode fresh clips every step)")
   _positive(config, ["pretrain.eval_every", "pretrain.time_shift", "eval.num_prompts",
                      "eval.num_steps", "eval.shift", "eval.fps", "vae_train.eval_clips",
                      "sample.num_per_prompt"])
@@ -327,6 +378,65 @@ def _check_training(config) -> None:
                  "config.pretrain.caption_dropout > 0")
 
 
+def _check_prm(config) -> None:
+  from euphonium_jax import sampling
+  from euphonium_jax.rewards import registry
+  from euphonium_jax.rl import prm_losses
+  p = config.prm
+  _positive(config, ["prm.num_queries", "prm.head_width", "prm.steps", "prm.batch_size",
+                     "prm.lr", "prm.log_every", "prm.ckpt_every", "prm.data.num_prompts",
+                     "prm.data.group_size", "prm.data.chunk_prompts", "prm.data.num_steps",
+                     "prm.data.shift", "prm.report.num_prompts", "prm.report.ode_steps"])
+  for key in ("depth", "width", "heads", "warmup_steps", "weight_decay", "grad_clip",
+              "report.guidance_step"):
+    if _get(config, f"prm.{key}") < 0:
+      raise _error(f"prm.{key}", _get(config, f"prm.{key}"), "must be >= 0")
+  width = p.width or config.model.width
+  heads = p.heads or config.model.heads
+  if width % heads:
+    raise _error("prm.heads", p.heads, f"must divide the PRM width {width} (0 = model.heads)")
+  if p.init_from_base:
+    for key, ours, base in (("width", width, config.model.width),
+                            ("heads", heads, config.model.heads)):
+      if ours != base:
+        raise _error(f"prm.{key}", p[key], f"must be 0 or model.{key}={base} with "
+                     "prm.init_from_base=True (the trunk is a copy of the base model's)")
+    if p.depth > config.model.depth:
+      raise _error("prm.depth", p.depth, f"must be <= model.depth={config.model.depth} with "
+                   "prm.init_from_base=True (the trunk copies the base model's first blocks)")
+  _one_of(config, "prm.loss", prm_losses.LOSSES)
+  _one_of(config, "prm.states", ("rollout", "renoised", "both"))
+  _one_of(config, "prm.target", ("reward", "log", "quantile"))
+  _positive(config, ["prm.log_eps"])
+  if p.reward not in registry.names():
+    raise _error("prm.reward", p.reward, f"registered rewards are {', '.join(registry.names())}")
+  _one_of(config, "prm.data.sampler", sampling.PRESETS)
+  _one_of(config, "prm.data.split", ("train", "heldout", "all"))
+  _one_of(config, "prm.report.split", ("train", "heldout", "all"))
+  if p.data.num_prompts % p.data.chunk_prompts:
+    raise _error("prm.data.num_prompts", p.data.num_prompts,
+                 f"must be a multiple of prm.data.chunk_prompts={p.data.chunk_prompts}")
+  if p.loss == "bradley_terry" and p.batch_size % p.data.group_size:
+    raise _error("prm.batch_size", p.batch_size, "must be a multiple of prm.data.group_size="
+                 f"{p.data.group_size} with prm.loss='bradley_terry' (whole groups per batch)")
+  if p.loss == "bradley_terry" and p.data.group_size < 2:
+    raise _error("prm.data.group_size", p.data.group_size,
+                 "must be >= 2 with prm.loss='bradley_terry' (pairs within a group)")
+  if p.data.eta is not None and p.data.eta < 0:
+    raise _error("prm.data.eta", p.data.eta, "must be >= 0 (None = the preset's)")
+  if p.data.cfg_scale < 0:
+    raise _error("prm.data.cfg_scale", p.data.cfg_scale, "must be >= 0 (1 = off)")
+  if p.data.cfg_scale != 1.0 and config.pretrain.caption_dropout == 0:
+    raise _error("prm.data.cfg_scale", p.data.cfg_scale, "classifier-free guidance needs a "
+                 "model trained with config.pretrain.caption_dropout > 0")
+  edges = tuple(p.report.time_buckets)
+  if len(edges) < 2 or any(not 0.0 <= e <= 1.0 for e in edges) or any(
+      a >= b for a, b in zip(edges, edges[1:])):
+    raise _error("prm.report.time_buckets", edges,
+                 "at least two strictly increasing bucket edges in [0, 1]")
+  _in_range(config, "prm.report.guidance_t", 0.0, 1.0, inclusive_hi=False)
+
+
 def validate(config, num_devices: int | None = None) -> None:
   """Raises ConfigError (key, value, what is allowed) for any config that cannot run."""
   import jax  # Only for the device count.
@@ -338,6 +448,7 @@ def validate(config, num_devices: int | None = None) -> None:
   _check_training(config)
   _check_mesh(config, jax.device_count() if num_devices is None else num_devices)
   _check_init_paths(config)
+  _check_prm(config)
   try:
     sampling_config.sampler_config_from(config.sampling)
   except ValueError as e:

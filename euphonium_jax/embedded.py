@@ -125,6 +125,10 @@ def flow_dir(config, workdir: str) -> str:
   return checkpoint_dir(config.init.pretrain, workdir, "pretrain")
 
 
+def prm_dir(config, workdir: str) -> str:
+  return checkpoint_dir(config.init.prm, workdir, "prm")
+
+
 def checkpoint_dir(init_path: str, workdir: str, stage: str) -> str:
   """A finished stage's directory: from the config's path, else this workdir's stage."""
   if init_path:

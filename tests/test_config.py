@@ -52,7 +52,7 @@ def test_default_config_is_valid():
     ("mesh.axes", ("data", "model"), "must include the axis 'fsdp'"),
     ("init.vae", "/no/such/checkpoint", "the checkpoint path does not exist"),
     ("pretrain.steps", "many", "expected type int, got str"),
-    ("pretrain.caption_dropout", True, "expected type float, got bool"),
+    ("model.remat", 3, "expected type str, got int"),
 ])
 def test_bad_values_name_key_value_and_allowed(key, value, needle):
   c = _set(_cfg(), key, value)

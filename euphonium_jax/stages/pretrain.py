@@ -48,6 +48,27 @@ def flow_matching_loss(velocity, params, x0, t, eps, text) -> jax.Array:
   return jnp.mean((v - (eps - x0)) ** 2)
 
 
+def encode_dataset(encode, vae_state, config, key, chunk: int = 256):
+  """A fixed set of training clips as VAE latents: ([D, T', h, w, C] float32, combo [D]).
+
+  Encoding every batch afresh costs about as much as the flow model's own step on a CPU;
+  a cached set of `config.pretrain.dataset_size` clips removes that cost.
+  """
+  n = config.pretrain.dataset_size
+  program = jax.jit(lambda k: _encode_chunk(encode, vae_state, config, k, chunk))
+  keys = jax.random.split(key, -(-n // chunk))
+  parts = [program(k) for k in tqdm.tqdm(keys, desc="encoding clips",
+                                         disable=jax.process_index() != 0)]
+  latents = jnp.concatenate([p[0] for p in parts])[:n]
+  combos = jnp.concatenate([p[1] for p in parts])[:n]
+  return latents, combos
+
+
+def _encode_chunk(encode, vae_state, config, key, chunk):
+  clips, attrs = world.sample_batch(key, chunk, "train", config.world.frames, config.world.size)
+  return encode(vae_state, clips), embedded.combo_index(attrs)
+
+
 def run(config, workdir: str) -> dict:
   tc = config.pretrain
   out = stage_dir(workdir)
@@ -77,11 +98,14 @@ def run(config, workdir: str) -> dict:
           "text": training.param_shardings(text, mesh, config.sharding.rules)}
   state_sh = {"params": p_sh, "ema": p_sh, "step": rep,
               "opt": training.opt_shardings(tx, params, p_sh, mesh)}
-  state = training.place({"params": params, "ema": params, "opt": tx.init(params),
-                          "step": jnp.zeros((), jnp.int32)}, state_sh)
-  frozen = jax.device_put({"vae": (vae_p, vae_r), "rest": (dit_r, text_r),
-                           "ids": table.ids, "mask": table.mask}, rep)
-  train_combos = jnp.asarray(world.combos("train"))
+  state = training.place({"params": params, "ema": jax.tree.map(np.array, params),
+                          "opt": tx.init(params), "step": jnp.zeros((), jnp.int32)}, state_sh)
+  frozen = {"vae": (vae_p, vae_r), "rest": (dit_r, text_r), "ids": table.ids,
+            "mask": table.mask}
+  if tc.dataset_size:
+    frozen["data"] = encode_dataset(encode, frozen["vae"], config,
+                                    jax.random.key(config.seed + 3))
+  frozen = jax.device_put(frozen, rep)
   base_key = jax.random.key(config.seed)
   x_sh = parallel.batch_sharding(mesh, 5)
   latent_shape = embedded.latent_shape(config)
@@ -96,21 +120,29 @@ def run(config, workdir: str) -> dict:
   def train_step(state, frozen):
     key = jax.random.fold_in(base_key, state["step"])
     k_data, k_t, k_eps, k_drop = jax.random.split(key, 4)
-    clips, attrs = world.sample_batch(k_data, tc.batch_size, "train", config.world.frames,
-                                      config.world.size)
-    x0 = encode(frozen["vae"], jax.lax.with_sharding_constraint(clips, x_sh))
+    if tc.dataset_size:  # a cached set of encoded clips
+      pick = jax.random.randint(k_data, (tc.batch_size,), 0, tc.dataset_size)
+      x0, combo = frozen["data"][0][pick], frozen["data"][1][pick]
+    else:  # fresh clips every step
+      clips, attrs = world.sample_batch(k_data, tc.batch_size, "train", config.world.frames,
+                                        config.world.size)
+      x0 = encode(frozen["vae"], jax.lax.with_sharding_constraint(clips, x_sh))
+      combo = embedded.combo_index(attrs)
     x0 = jax.lax.with_sharding_constraint(x0, x_sh)
     t = sample_times(k_t, tc.batch_size, tc.time_sampling, tc.time_shift)
     eps = jax.random.normal(k_eps, x0.shape, jnp.float32)
     drop = jax.random.bernoulli(k_drop, tc.caption_dropout, (tc.batch_size,))
-    idx = jnp.where(drop, table.null_index, embedded.combo_index(attrs))
+    idx = jnp.where(drop, table.null_index, combo)
     loss, grads = jax.value_and_grad(loss_fn)(state["params"], frozen, x0, t, eps, idx)
     updates, opt = tx.update(grads, state["opt"], state["params"])
     ok = training.all_finite(grads) & jnp.isfinite(loss)
     params = jax.tree.map(lambda p, u: jnp.where(ok, p + u, p), state["params"], updates)
     opt = jax.tree.map(lambda new, old: jnp.where(ok, new, old), opt, state["opt"])
-    ema = jax.tree.map(lambda e, p: tc.ema_decay * e + (1 - tc.ema_decay) * p,
-                       state["ema"], params)
+    # EMA with warmup: min(decay, (1 + step) / (10 + step)) forgets the initial weights
+    # early, so evaluations of short runs are not an average with the random init.
+    step = state["step"].astype(jnp.float32)
+    decay = jnp.minimum(tc.ema_decay, (1.0 + step) / (10.0 + step))
+    ema = jax.tree.map(lambda e, p: decay * e + (1 - decay) * p, state["ema"], params)
     metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), "skipped": 1 - ok}
     return {"params": params, "ema": ema, "opt": opt, "step": state["step"] + 1}, metrics
 
@@ -122,11 +154,12 @@ def run(config, workdir: str) -> dict:
     print(f"[pretrain] resumed from step {restored[0]}")
   writer = report.MetricWriter(workdir, "pretrain")
 
+  gen = generate.Generator.from_params(  # one instance: its programs compile once
+      config, vae=(vae_g, vae_p, vae_r), text=None, model=None, mesh=mesh)
+
   def evaluate(step):
-    gen = generate.Generator.from_params(
-        config, vae=(vae_g, vae_p, vae_r),
-        text=(text_g, state["ema"]["text"], text_r),
-        model=(dit_g, state["ema"]["model"], dit_r), mesh=mesh)
+    gen.text = (text_g, state["ema"]["text"], text_r)
+    gen.model = (dit_g, state["ema"]["model"], dit_r)
     res = gen.evaluate(jax.random.key(config.seed + 7), os.path.join(out, "samples"),
                        f"step_{step:06d}")
     writer.write(step, {f"eval/{k}": v for k, v in res.items() if np.isscalar(v)})
