@@ -69,7 +69,83 @@ class DiTBlock(nnx.Module):
     return x + g2[:, None] * self.fc2(jax.nn.gelu(self.fc1(h)))
 
 
-class VideoDiT(nnx.Module):
+class VideoTrunk(nnx.Module):
+  """What the velocity field and the PRM share: patch embedding, 3D positions, the
+  conditioning vector (time embedding of 1000 t plus pooled text) and DiT blocks.
+
+  Subclasses call ``_init_trunk`` in their constructor; the parameters it creates carry the
+  same names in every subclass (``embed``, ``pos``, ``t_fc1``, ``t_fc2``, ``pooled_proj``,
+  ``blocks``), so a PRM can start from the velocity model's first blocks by key.
+  """
+
+  def _init_trunk(self, *, in_channels, text_dim, pooled_dim, width, depth, heads, mlp_ratio,
+                  patch_size, latent_shape, pos_embed, dtype, attention_impl, rngs, key):
+    if width % heads:
+      raise ValueError(f'{key}.width={width} must be divisible by {key}.heads={heads}')
+    if pos_embed not in ('sincos', 'learned'):
+      raise ValueError(f"{key}.pos_embed={pos_embed!r}; allowed: 'sincos', 'learned'")
+    dt = layers.compute_dtype(dtype)
+    self.in_channels, self.width = in_channels, width
+    self.patch = tuple(patch_size)
+    self.pos_embed = pos_embed
+    self.impl = None if attention_impl in (None, 'auto') else attention_impl
+    self.patch_dim = in_channels * self.patch[0] * self.patch[1] * self.patch[2]
+    self.embed = layers.dense(self.patch_dim, width, (None, 'embed'), rngs=rngs, dtype=dt)
+    if pos_embed == 'learned':
+      if latent_shape is None:
+        raise ValueError(f"{key}.latent_shape is required with {key}.pos_embed='learned'")
+      self.grid = tuple(s // p for s, p in zip(latent_shape, self.patch))
+      self.pos = nnx.Dict({
+          ax: nnx.Param(0.02 * jax.random.normal(rngs.params(), (n, width)),
+                        out_sharding=(None, 'embed'))
+          for ax, n in zip('thw', self.grid)})
+    self.t_fc1 = layers.dense(256, width, (None, 'embed'), rngs=rngs)
+    self.t_fc2 = layers.dense(width, width, ('embed', 'mlp'), rngs=rngs)
+    self.pooled_proj = (layers.dense(pooled_dim, width, ('embed', 'mlp'), rngs=rngs)
+                        if pooled_dim else None)
+    self.blocks = nnx.List([
+        DiTBlock(width, text_dim, heads, mlp_ratio, rngs=rngs, dtype=dt, impl=self.impl)
+        for _ in range(depth)])
+    return dt
+
+  def _pos(self, grid: tuple[int, int, int]) -> jax.Array:
+    """Positional encoding of a (T', h', w') token grid -> [T'*h'*w', D]."""
+    if self.pos_embed == 'sincos':
+      return layers.sincos_3d(grid, self.width)
+    if grid != self.grid:
+      raise ValueError(f'token grid {grid} != latent_shape / patch {self.grid}')
+    t, h, w = self.pos['t'][...], self.pos['h'][...], self.pos['w'][...]
+    pos = t[:, None, None] + h[None, :, None] + w[None, None, :]
+    return pos.reshape(-1, self.width)
+
+  def condition(self, t: jax.Array, text: dict[str, Any]) -> jax.Array:
+    """t [B] in [0,1], text dict -> conditioning vector [B, D]."""
+    temb = layers.sincos_1d(1000.0 * t.astype(jnp.float32), 256)
+    cond = self.t_fc2(jax.nn.silu(self.t_fc1(temb)))
+    pooled = text.get('pooled')
+    if self.pooled_proj is not None and pooled is not None:
+      cond = cond + self.pooled_proj(pooled.astype(jnp.float32))
+    return cond
+
+  def _inputs(self, x: jax.Array, t: jax.Array, text: dict[str, Any]):
+    """-> (tokens h [B,L,D], cond [B,D], text tokens [B,Lt,Dt], text mask [B,Lt], grid)."""
+    tt, hh, ww, c = x.shape[1:]
+    pt, ph, pw = self.patch
+    if tt % pt or hh % ph or ww % pw or c != self.in_channels:
+      raise ValueError(f'latent {x.shape} does not fit patch {self.patch} / '
+                       f'in_channels {self.in_channels}')
+    grid = (tt // pt, hh // ph, ww // pw)
+    tokens = einops.rearrange(
+        x.astype(jnp.float32), 'b (t pt) (h ph) (w pw) c -> b (t h w) (pt ph pw c)',
+        pt=pt, ph=ph, pw=pw)
+    h = self.embed(tokens) + self._pos(grid)[None]
+    ctx = text['tokens'].astype(jnp.float32)
+    mask = text.get('mask')
+    mask = jnp.ones(ctx.shape[:2], bool) if mask is None else mask.astype(bool)
+    return h, self.condition(t, text), ctx, mask, grid
+
+
+class VideoDiT(VideoTrunk):
   """Video DiT over latents [B,T,h,w,C].
 
   Args:
@@ -92,72 +168,20 @@ class VideoDiT(nnx.Module):
                latent_shape: Sequence[int] | None = None, pos_embed: str = 'sincos',
                remat: str = 'none', dtype: str = 'float32', attention_impl: str = 'xla',
                *, rngs: nnx.Rngs):
-    if width % heads:
-      raise ValueError(f'model.width={width} must be divisible by model.heads={heads}')
-    if pos_embed not in ('sincos', 'learned'):
-      raise ValueError(f"model.pos_embed={pos_embed!r}; allowed: 'sincos', 'learned'")
     self.use_remat, self.policy = layers.remat_policy(remat)
-    dt = layers.compute_dtype(dtype)
-    self.in_channels, self.width = in_channels, width
-    self.patch = tuple(patch_size)
-    self.pos_embed = pos_embed
-    self.impl = None if attention_impl in (None, 'auto') else attention_impl
-    patch_dim = in_channels * self.patch[0] * self.patch[1] * self.patch[2]
-    self.embed = layers.dense(patch_dim, width, (None, 'embed'), rngs=rngs, dtype=dt)
-    if pos_embed == 'learned':
-      if latent_shape is None:
-        raise ValueError("model.latent_shape is required with model.pos_embed='learned'")
-      self.grid = tuple(s // p for s, p in zip(latent_shape, self.patch))
-      self.pos = nnx.Dict({
-          ax: nnx.Param(0.02 * jax.random.normal(rngs.params(), (n, width)),
-                        out_sharding=(None, 'embed'))
-          for ax, n in zip('thw', self.grid)})
-    self.t_fc1 = layers.dense(256, width, (None, 'embed'), rngs=rngs)
-    self.t_fc2 = layers.dense(width, width, ('embed', 'mlp'), rngs=rngs)
-    self.pooled_proj = (layers.dense(pooled_dim, width, ('embed', 'mlp'), rngs=rngs)
-                        if pooled_dim else None)
-    self.blocks = nnx.List([
-        DiTBlock(width, text_dim, heads, mlp_ratio, rngs=rngs, dtype=dt, impl=self.impl)
-        for _ in range(depth)])
+    self._init_trunk(in_channels=in_channels, text_dim=text_dim, pooled_dim=pooled_dim,
+                     width=width, depth=depth, heads=heads, mlp_ratio=mlp_ratio,
+                     patch_size=patch_size, latent_shape=latent_shape, pos_embed=pos_embed,
+                     dtype=dtype, attention_impl=attention_impl, rngs=rngs, key='model')
     self.final_norm = layers.layer_norm(width, rngs=rngs, affine=False)
     self.final_ada = layers.dense(width, 2 * width, ('embed', 'mlp'), rngs=rngs, zero=True)
-    self.final = layers.dense(width, patch_dim, ('embed', None), rngs=rngs, zero=True)
-
-  def _pos(self, grid: tuple[int, int, int]) -> jax.Array:
-    """Positional encoding of a (T', h', w') token grid -> [T'*h'*w', D]."""
-    if self.pos_embed == 'sincos':
-      return layers.sincos_3d(grid, self.width)
-    if grid != self.grid:
-      raise ValueError(f'token grid {grid} != model.latent_shape / patch {self.grid}')
-    t, h, w = self.pos['t'][...], self.pos['h'][...], self.pos['w'][...]
-    pos = t[:, None, None] + h[None, :, None] + w[None, None, :]
-    return pos.reshape(-1, self.width)
-
-  def condition(self, t: jax.Array, text: dict[str, Any]) -> jax.Array:
-    """t [B] in [0,1], text dict -> adaLN conditioning vector [B, D]."""
-    temb = layers.sincos_1d(1000.0 * t.astype(jnp.float32), 256)
-    cond = self.t_fc2(jax.nn.silu(self.t_fc1(temb)))
-    pooled = text.get('pooled')
-    if self.pooled_proj is not None and pooled is not None:
-      cond = cond + self.pooled_proj(pooled.astype(jnp.float32))
-    return cond
+    self.final = layers.dense(width, self.patch_dim, ('embed', None), rngs=rngs,
+                              zero=True)
 
   def __call__(self, x: jax.Array, t: jax.Array, text: dict[str, Any]) -> jax.Array:
     """x [B,T,h,w,C], t [B], text dict -> velocity [B,T,h,w,C] float32."""
-    b, tt, hh, ww, c = x.shape
+    h, cond, ctx, mask, grid = self._inputs(x, t, text)
     pt, ph, pw = self.patch
-    if tt % pt or hh % ph or ww % pw or c != self.in_channels:
-      raise ValueError(f'latent {x.shape} does not fit patch {self.patch} / '
-                       f'in_channels {self.in_channels}')
-    grid = (tt // pt, hh // ph, ww // pw)
-    tokens = einops.rearrange(
-        x.astype(jnp.float32), 'b (t pt) (h ph) (w pw) c -> b (t h w) (pt ph pw c)',
-        pt=pt, ph=ph, pw=pw)
-    h = self.embed(tokens) + self._pos(grid)[None]
-    cond = self.condition(t, text)
-    ctx = text['tokens'].astype(jnp.float32)
-    mask = text.get('mask')
-    mask = jnp.ones(ctx.shape[:2], bool) if mask is None else mask.astype(bool)
 
     def apply(block, h, cond, ctx, mask):
       return block(h, cond, ctx, mask)

@@ -15,19 +15,18 @@ from __future__ import annotations
 
 from typing import Any, Callable, Sequence
 
-import einops
 import jax
 import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
 from euphonium_jax.models import layers
-from euphonium_jax.models.dit import Attention, DiTBlock
+from euphonium_jax.models.dit import Attention, VideoTrunk
 
 TRUNK_KEYS = ('embed', 'pos', 't_fc1', 't_fc2', 'pooled_proj')
 
 
-class LatentPRM(nnx.Module):
+class LatentPRM(VideoTrunk):
   """PRM over latents [B,T,h,w,C] -> a logit [B] float32.
 
   Args:
@@ -44,32 +43,12 @@ class LatentPRM(nnx.Module):
                latent_shape: Sequence[int] | None = None, pos_embed: str = 'sincos',
                num_queries: int = 4, head_width: int = 128, dtype: str = 'float32',
                attention_impl: str = 'xla', *, rngs: nnx.Rngs):
-    if width % heads:
-      raise ValueError(f'prm width={width} must be divisible by heads={heads}')
-    if pos_embed not in ('sincos', 'learned'):
-      raise ValueError(f"prm pos_embed={pos_embed!r}; allowed: 'sincos', 'learned'")
-    dt = layers.compute_dtype(dtype)
-    impl = None if attention_impl in (None, 'auto') else attention_impl
-    self.in_channels, self.width, self.patch = in_channels, width, tuple(patch_size)
-    self.pos_embed = pos_embed
-    patch_dim = in_channels * self.patch[0] * self.patch[1] * self.patch[2]
-    # Trunk: the names and shapes of VideoDiT's (init_from_base copies them).
-    self.embed = layers.dense(patch_dim, width, (None, 'embed'), rngs=rngs, dtype=dt)
-    if pos_embed == 'learned':
-      if latent_shape is None:
-        raise ValueError("prm latent_shape is required with pos_embed='learned'")
-      self.grid = tuple(s // p for s, p in zip(latent_shape, self.patch))
-      self.pos = nnx.Dict({
-          ax: nnx.Param(0.02 * jax.random.normal(rngs.params(), (n, width)),
-                        out_sharding=(None, 'embed'))
-          for ax, n in zip('thw', self.grid)})
-    self.t_fc1 = layers.dense(256, width, (None, 'embed'), rngs=rngs)
-    self.t_fc2 = layers.dense(width, width, ('embed', 'mlp'), rngs=rngs)
-    self.pooled_proj = (layers.dense(pooled_dim, width, ('embed', 'mlp'), rngs=rngs)
-                        if pooled_dim else None)
-    self.blocks = nnx.List([
-        DiTBlock(width, text_dim, heads, mlp_ratio, rngs=rngs, dtype=dt, impl=impl)
-        for _ in range(depth)])
+    dt = self._init_trunk(in_channels=in_channels, text_dim=text_dim, pooled_dim=pooled_dim,
+                          width=width, depth=depth, heads=heads, mlp_ratio=mlp_ratio,
+                          patch_size=patch_size, latent_shape=latent_shape,
+                          pos_embed=pos_embed, dtype=dtype, attention_impl=attention_impl,
+                          rngs=rngs, key='prm')
+    impl = self.impl
     # Head: learned-query attention pool, then an MLP on [queries | conditioning].
     self.queries = nnx.Param(0.02 * jax.random.normal(rngs.params(), (num_queries, width)),
                              out_sharding=(None, 'embed'))
@@ -79,40 +58,10 @@ class LatentPRM(nnx.Module):
                                  rngs=rngs)
     self.head_fc2 = layers.dense(head_width, 1, ('mlp', None), rngs=rngs)
 
-  def _pos(self, grid: tuple[int, int, int]) -> jax.Array:
-    """Positional encoding of a (T', h', w') token grid -> [T'*h'*w', D] (as VideoDiT)."""
-    if self.pos_embed == 'sincos':
-      return layers.sincos_3d(grid, self.width)
-    if grid != self.grid:
-      raise ValueError(f'token grid {grid} != prm latent_shape / patch {self.grid}')
-    t, h, w = self.pos['t'][...], self.pos['h'][...], self.pos['w'][...]
-    return (t[:, None, None] + h[None, :, None] + w[None, None, :]).reshape(-1, self.width)
-
-  def condition(self, t: jax.Array, text: dict[str, Any]) -> jax.Array:
-    """t [B] in [0,1], text dict -> conditioning vector [B, D] (time 1000 t + pooled text)."""
-    temb = layers.sincos_1d(1000.0 * t.astype(jnp.float32), 256)
-    cond = self.t_fc2(jax.nn.silu(self.t_fc1(temb)))
-    pooled = text.get('pooled')
-    if self.pooled_proj is not None and pooled is not None:
-      cond = cond + self.pooled_proj(pooled.astype(jnp.float32))
-    return cond
-
   def __call__(self, x: jax.Array, t: jax.Array, text: dict[str, Any]) -> jax.Array:
     """x [B,T,h,w,C], t [B], text dict -> logit [B] float32."""
-    b, tt, hh, ww, c = x.shape
-    pt, ph, pw = self.patch
-    if tt % pt or hh % ph or ww % pw or c != self.in_channels:
-      raise ValueError(f'latent {x.shape} does not fit patch {self.patch} / '
-                       f'in_channels {self.in_channels}')
-    grid = (tt // pt, hh // ph, ww // pw)
-    tokens = einops.rearrange(
-        x.astype(jnp.float32), 'b (t pt) (h ph) (w pw) c -> b (t h w) (pt ph pw c)',
-        pt=pt, ph=ph, pw=pw)
-    h = self.embed(tokens) + self._pos(grid)[None]
-    cond = self.condition(t, text)
-    ctx = text['tokens'].astype(jnp.float32)
-    mask = text.get('mask')
-    mask = jnp.ones(ctx.shape[:2], bool) if mask is None else mask.astype(bool)
+    b = x.shape[0]
+    h, cond, ctx, mask, _ = self._inputs(x, t, text)
     for block in self.blocks:
       h = block(h, cond, ctx, mask)
     q = jnp.broadcast_to(self.queries[...][None], (b,) + self.queries.shape)
