@@ -38,9 +38,12 @@ class Generator:
   @classmethod
   def from_checkpoint(cls, config, directory: str, mesh=None) -> "Generator":
     """Loads VAE, text encoder and flow model from a finished pretrain dir (or assets)."""
+    mesh = mesh or parallel.mesh_from_config(config)
+    rep = parallel.replicated(mesh)  # small networks: a full copy on every device
     tree = checkpoint.load_final(directory)
     nets = [embedded.load(k, config, directory, tree) for k in ("vae", "text", "model")]
-    return cls(config, *nets, mesh or parallel.mesh_from_config(config))
+    nets = [(g, jax.device_put(p, rep), jax.device_put(r, rep)) for g, p, r in nets]
+    return cls(config, *nets, mesh)
 
   @functools.cached_property
   def _text_program(self):
