@@ -12,11 +12,12 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
-from euphonium_jax import parallel
+from euphonium_jax import checkpoint, parallel
 
 
 def optimizer(lr: float, warmup_steps: int, weight_decay: float, grad_clip: float,
@@ -55,6 +56,28 @@ def place(tree: Any, shardings: Any) -> Any:
 def all_finite(tree: Any) -> jax.Array:
   leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]
   return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
+
+
+def end_of_step(stage: str, done: int, total: int, metrics, state, *, log_every: int,
+                ckpt_every: int, writer, mgr, preempt: "Preemption", rate: float):
+  """What every training loop does after a step: log (refusing a non-finite loss), save a
+  checkpoint when due or when SIGTERM arrived, and exit cleanly after that save.
+
+  Returns the host copy of `metrics` when they were logged, else None.
+  """
+  logged = None
+  if done % log_every == 0 or done == total:
+    logged = jax.device_get(metrics)
+    if not np.isfinite(logged["loss"]):
+      raise FloatingPointError(f"[{stage}] non-finite loss at step {done}")
+    writer.write(done, dict(logged, steps_per_s=rate))
+  if done % ckpt_every == 0 or done == total or preempt.requested:
+    checkpoint.save(mgr, done, state)
+  if preempt.requested:
+    print(f"[{stage}] SIGTERM: saved step {done}, exiting")
+    writer.close()
+    raise SystemExit(0)
+  return logged
 
 
 class Preemption:

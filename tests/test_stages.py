@@ -79,3 +79,31 @@ def test_pretrain_resume_is_exact(tiny_run, tmp_path):
   losses = lambda d: [r["loss"] for r in report.read_metrics(d, "pretrain")
                       if "loss" in r and r["step"] == 6]
   assert losses(str(tmp_path / "straight")) == losses(resumed_dir)[-1:]
+
+
+@pytest.mark.slow
+def test_sigterm_saves_and_exits_cleanly(tmp_path):
+  """SIGTERM mid-stage: the loop saves a checkpoint at the current step and exits 0."""
+  import signal
+  import subprocess
+  import sys
+  import time
+
+  workdir = tmp_path / "w"
+  cmd = [sys.executable, "-m", "euphonium_jax.main", "--config",
+         os.path.join(REPO, "configs", "tiny.py"), "--workdir", str(workdir),
+         "--config.stages=('vae',)", "--config.vae_train.steps=100000",
+         "--config.vae_train.log_every=1", "--config.vae_train.ckpt_every=100000"]
+  proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                          cwd=REPO, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+  deadline = time.time() + 240
+  while not report.read_metrics(str(workdir), "vae") and time.time() < deadline:
+    assert proc.poll() is None, proc.stdout.read()[-2000:]
+    time.sleep(0.5)
+  proc.send_signal(signal.SIGTERM)
+  out, _ = proc.communicate(timeout=120)
+  assert proc.returncode == 0, out[-2000:]
+  assert "[vae] SIGTERM: saved step" in out
+  steps = os.listdir(os.path.join(workdir, "vae", "checkpoints"))
+  assert steps and all(int(s) >= 1 for s in steps if s.isdigit())
+  assert not checkpoint.is_done(os.path.join(workdir, "vae", "final"))

@@ -173,17 +173,10 @@ def run(config, workdir: str) -> dict:
                             disable=jax.process_index() != 0):
       state, metrics = train_step(state, frozen)
       done = step + 1
-      if done % tc.log_every == 0 or done == tc.steps:
-        metrics = jax.device_get(metrics)
-        if not np.isfinite(metrics["loss"]):
-          raise FloatingPointError(f"[pretrain] non-finite loss at step {done}")
-        writer.write(done, dict(metrics, steps_per_s=(done - start) / (time.time() - t0)))
-      if done % tc.ckpt_every == 0 or done == tc.steps or preempt.requested:
-        checkpoint.save(mgr, done, state)
-      if preempt.requested:
-        print(f"[pretrain] SIGTERM: saved step {done}, exiting")
-        writer.close()
-        raise SystemExit(0)
+      training.end_of_step(
+          "pretrain", done, tc.steps, metrics, state, log_every=tc.log_every,
+          ckpt_every=tc.ckpt_every, writer=writer, mgr=mgr, preempt=preempt,
+          rate=(done - start) / (time.time() - t0))
       if done % tc.eval_every == 0 and done != tc.steps:
         evaluate(done)
   train_time = time.time() - t0

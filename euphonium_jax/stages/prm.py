@@ -253,17 +253,11 @@ def run(config, workdir: str) -> dict:
                             disable=jax.process_index() != 0):
       state, metrics = train_step(state, frozen)
       done = step + 1
-      if done % pc.log_every == 0 or done == pc.steps:
-        last = jax.device_get(metrics)
-        if not np.isfinite(last["loss"]):
-          raise FloatingPointError(f"[prm] non-finite loss at step {done}")
-        writer.write(done, dict(last, steps_per_s=(done - start) / (time.time() - t0)))
-      if done % pc.ckpt_every == 0 or done == pc.steps or preempt.requested:
-        checkpoint.save(mgr, done, state)
-      if preempt.requested:
-        print(f"[prm] SIGTERM: saved step {done}, exiting")
-        writer.close()
-        raise SystemExit(0)
+      logged = training.end_of_step(
+          "prm", done, pc.steps, metrics, state, log_every=pc.log_every,
+          ckpt_every=pc.ckpt_every, writer=writer, mgr=mgr, preempt=preempt,
+          rate=(done - start) / (time.time() - t0))
+      last = logged if logged is not None else last
   train_time = time.time() - t0
   params = (state["params"], prm_r)
 

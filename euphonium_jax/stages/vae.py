@@ -94,17 +94,10 @@ def run(config, workdir: str) -> dict:
                             disable=jax.process_index() != 0):
       state, metrics = train_step(state, rest)
       done = step + 1
-      if done % tc.log_every == 0 or done == tc.steps:
-        metrics = jax.device_get(metrics)
-        if not np.isfinite(metrics["loss"]):
-          raise FloatingPointError(f"[vae] non-finite loss at step {done}")
-        writer.write(done, dict(metrics, steps_per_s=(done - start) / (time.time() - t0)))
-      if done % tc.ckpt_every == 0 or done == tc.steps or preempt.requested:
-        checkpoint.save(mgr, done, state)
-      if preempt.requested:
-        print(f"[vae] SIGTERM: saved step {done}, exiting")
-        writer.close()
-        raise SystemExit(0)
+      training.end_of_step(
+          "vae", done, tc.steps, metrics, state, log_every=tc.log_every,
+          ckpt_every=tc.ckpt_every, writer=writer, mgr=mgr, preempt=preempt,
+          rate=(done - start) / (time.time() - t0))
   train_time = time.time() - t0
 
   # --------------------------------------------------------------------------- Evals
