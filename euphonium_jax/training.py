@@ -58,6 +58,27 @@ def all_finite(tree: Any) -> jax.Array:
   return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
 
 
+def guarded_update(tx: optax.GradientTransformation, grads, loss, params, opt_state):
+  """One optimiser update that a non-finite loss or gradient turns into a no-op.
+
+  Returns (params, opt_state, ok) with ok a bool scalar: False means the step was skipped.
+  """
+  updates, new_opt = tx.update(grads, opt_state, params)
+  ok = all_finite(grads) & jnp.isfinite(loss)
+  params = jax.tree.map(lambda p, u: jnp.where(ok, p + u, p), params, updates)
+  new_opt = jax.tree.map(lambda new, old: jnp.where(ok, new, old), new_opt, opt_state)
+  return params, new_opt, ok
+
+
+def resume(mgr, state, stage: str):
+  """The newest checkpoint of `mgr` restored into `state`'s shapes and shardings, or `state`."""
+  restored = checkpoint.restore_latest(mgr, checkpoint.abstract_like(state))
+  if restored is None:
+    return state
+  print(f"[{stage}] resumed from step {restored[0]}")
+  return restored[1]
+
+
 def end_of_step(stage: str, done: int, total: int, metrics, state, *, log_every: int,
                 ckpt_every: int, writer, mgr, preempt: "Preemption", rate: float):
   """What every training loop does after a step: log (refusing a non-finite loss), save a

@@ -134,10 +134,7 @@ def run(config, workdir: str) -> dict:
     drop = jax.random.bernoulli(k_drop, tc.caption_dropout, (tc.batch_size,))
     idx = jnp.where(drop, table.null_index, combo)
     loss, grads = jax.value_and_grad(loss_fn)(state["params"], frozen, x0, t, eps, idx)
-    updates, opt = tx.update(grads, state["opt"], state["params"])
-    ok = training.all_finite(grads) & jnp.isfinite(loss)
-    params = jax.tree.map(lambda p, u: jnp.where(ok, p + u, p), state["params"], updates)
-    opt = jax.tree.map(lambda new, old: jnp.where(ok, new, old), opt, state["opt"])
+    params, opt, ok = training.guarded_update(tx, grads, loss, state["params"], state["opt"])
     # EMA with warmup: min(decay, (1 + step) / (10 + step)) forgets the initial weights
     # early, so evaluations of short runs are not an average with the random init.
     step = state["step"].astype(jnp.float32)
@@ -148,10 +145,7 @@ def run(config, workdir: str) -> dict:
 
   # ---------------------------------------------------------------------- Checkpoint
   mgr = checkpoint.manager(os.path.join(out, "checkpoints"))
-  restored = checkpoint.restore_latest(mgr, checkpoint.abstract_like(state))
-  if restored is not None:
-    state = restored[1]
-    print(f"[pretrain] resumed from step {restored[0]}")
+  state = training.resume(mgr, state, "pretrain")
   writer = report.MetricWriter(workdir, "pretrain")
 
   gen = generate.Generator.from_params(  # one instance: its programs compile once

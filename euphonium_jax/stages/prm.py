@@ -229,19 +229,13 @@ def run(config, workdir: str) -> dict:
   def train_step(state, frozen):
     batch = batch_of(frozen, jax.random.fold_in(base_key, state["step"]))
     loss, grads = jax.value_and_grad(loss_fn)(state["params"], frozen, batch)
-    updates, opt = tx.update(grads, state["opt"], state["params"])
-    ok = training.all_finite(grads) & jnp.isfinite(loss)
-    params = jax.tree.map(lambda p, u: jnp.where(ok, p + u, p), state["params"], updates)
-    opt = jax.tree.map(lambda new, old: jnp.where(ok, new, old), opt, state["opt"])
+    params, opt, ok = training.guarded_update(tx, grads, loss, state["params"], state["opt"])
     metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "skipped": 1 - ok}
     return {"params": params, "opt": opt, "step": state["step"] + 1}, metrics
 
   # ---------------------------------------------------------------------- Checkpoint
   mgr = checkpoint.manager(os.path.join(out, "checkpoints"))
-  restored = checkpoint.restore_latest(mgr, checkpoint.abstract_like(state))
-  if restored is not None:
-    state = restored[1]
-    print(f"[prm] resumed from step {restored[0]}")
+  state = training.resume(mgr, state, "prm")
   writer = report.MetricWriter(workdir, "prm")
 
   # ---------------------------------------------------------------------------- Loop

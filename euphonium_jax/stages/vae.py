@@ -71,19 +71,13 @@ def run(config, workdir: str) -> dict:
       return vae_lib.vae_loss(nnx.merge(graphdef, p, rest), clips, k_loss, tc.kl_weight)
 
     (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
-    updates, opt = tx.update(grads, state["opt"], state["params"])
-    ok = training.all_finite(grads) & jnp.isfinite(loss)
-    params = jax.tree.map(lambda p, u: jnp.where(ok, p + u, p), state["params"], updates)
-    opt = jax.tree.map(lambda new, old: jnp.where(ok, new, old), opt, state["opt"])
+    params, opt, ok = training.guarded_update(tx, grads, loss, state["params"], state["opt"])
     metrics = dict(metrics, loss=loss, grad_norm=_global_norm(grads), skipped=1 - ok)
     return {"params": params, "opt": opt, "step": state["step"] + 1}, metrics
 
   # ---------------------------------------------------------------------- Checkpoint
   mgr = checkpoint.manager(os.path.join(out, "checkpoints"))
-  restored = checkpoint.restore_latest(mgr, checkpoint.abstract_like(state))
-  if restored is not None:
-    state = restored[1]
-    print(f"[vae] resumed from step {restored[0]}")
+  state = training.resume(mgr, state, "vae")
   writer = report.MetricWriter(workdir, "vae")
 
   # ---------------------------------------------------------------------------- Loop
