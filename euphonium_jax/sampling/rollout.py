@@ -50,6 +50,9 @@ class Rollout(NamedTuple):
   process_rewards: `[B, N]` PRM value at the pre-step latent (0 where not scored).
   x0_hat: `[B, ...]` clean estimate `x - t v` of the last step (what the ORM scores).
   timesteps: `[N + 1]` the grid.  key: the key the rollout used (its input).
+  means_guided: `[B, N, ...]` the mean each sample was drawn from (guided where guided), and
+  guidance: `[B, N, ...]` its guidance shift `mu^G - mu` (0 off the window); both only with
+  `keep_means=True` (GRPO's distillation term and guided-mean log-probs), else None.
   """
   latents: jax.Array
   logprobs: jax.Array
@@ -57,6 +60,8 @@ class Rollout(NamedTuple):
   x0_hat: jax.Array
   timesteps: jax.Array
   key: jax.Array
+  means_guided: Optional[jax.Array] = None
+  guidance: Optional[jax.Array] = None
 
 
 def local_key(key: jax.Array) -> jax.Array:
@@ -92,10 +97,12 @@ def normalize_grad(grad: jax.Array) -> jax.Array:
 
 
 def make_rollout(velocity_fn: VelocityFn, prm_fn: Optional[PrmFn], cfg: SamplerConfig,
-                 batch_sharding: Optional[jax.sharding.Sharding] = None):
+                 batch_sharding: Optional[jax.sharding.Sharding] = None,
+                 keep_means: bool = False):
   """Builds the pure rollout for `cfg` (see module doc). `batch_sharding`, if given, is
   applied to the latent carry with `with_sharding_constraint` (e.g.
-  `NamedSharding(mesh, P('data'))` on a mesh with `AxisType.Auto` axes)."""
+  `NamedSharding(mesh, P('data'))` on a mesh with `AxisType.Auto` axes). `keep_means` also
+  returns every step's guided mean and guidance shift (see `Rollout`)."""
   arrs = grid_arrays(cfg)
   n = cfg.num_steps
   use_grad = bool(arrs.guided.any())
@@ -147,13 +154,16 @@ def make_rollout(velocity_fn: VelocityFn, prm_fn: Optional[PrmFn], cfg: SamplerC
       out = sde_step(x, v, t, t_next, g, noise, guidance_grad=grad if use_grad else None,
                      guidance_coef=coef, logprob_mean=cfg.logprob_mean)
       x_new = constrain(out.sample)
-      return (x_new, _x0_hat(x, v, t)), (x_new, out.logprob, r)
+      kept = (out.mean_guided, out.mean_guided - out.mean) if keep_means else ()
+      return (x_new, _x0_hat(x, v, t)), (x_new, out.logprob, r, kept)
 
     xs = (jnp.arange(n, dtype=jnp.int32), jnp.asarray(arrs.t[:-1]), jnp.asarray(arrs.t[1:]),
           jnp.asarray(arrs.g), jnp.asarray(arrs.guide_coef), jnp.asarray(branch))
-    (_, x0), (samples, lps, rs) = jax.lax.scan(body, (x, jnp.zeros_like(x)), xs)
+    (_, x0), (samples, lps, rs, kept) = jax.lax.scan(body, (x, jnp.zeros_like(x)), xs)
     latents = jnp.concatenate([x[None], samples], axis=0)
+    kept = tuple(jnp.moveaxis(a, 0, 1) for a in kept) if keep_means else (None, None)
     return Rollout(latents=jnp.moveaxis(latents, 0, 1), logprobs=lps.T,
-                   process_rewards=rs.T, x0_hat=x0, timesteps=jnp.asarray(arrs.t), key=key)
+                   process_rewards=rs.T, x0_hat=x0, timesteps=jnp.asarray(arrs.t), key=key,
+                   means_guided=kept[0], guidance=kept[1])
 
   return rollout
