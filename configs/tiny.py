@@ -8,7 +8,7 @@ from euphonium_jax import config as config_lib
 
 def get_config():
   config = config_lib.get_default_config()
-  config.stages = ("vae", "pretrain", "prm", "sample")
+  config.stages = ("vae", "pretrain", "prm", "grpo", "sample")
   config.world.frames = 4
   config.world.size = 16
   config.vae.channels = (8, 8, 16)
@@ -26,4 +26,8 @@ def get_config():
   config.prm.update(depth=1, head_width=32, steps=10, batch_size=16, log_every=5, ckpt_every=5)
   config.prm.data.update(num_prompts=8, group_size=4, chunk_prompts=4, num_steps=6)
   config.prm.report.update(num_prompts=4, ode_steps=3)
+  config.sampling.update(num_steps=6, group_size=4)
+  config.sampling.guidance.start = 3
+  config.grpo.update(iterations=2, prompts_per_iteration=2, samples_per_update=4,
+                     accumulation=2, lr=1e-4, eval_every=0, ckpt_every=1)
   return config

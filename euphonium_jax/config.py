@@ -21,7 +21,7 @@ from typing import Any, Callable, Sequence
 import ml_collections
 
 STAGES = ("vae", "pretrain", "prm", "grpo", "evaluate", "sample")
-IMPLEMENTED_STAGES = ("vae", "pretrain", "prm", "sample")
+IMPLEMENTED_STAGES = ("vae", "pretrain", "prm", "grpo", "sample")
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -38,6 +38,31 @@ class ConfigError(ValueError):
 
 def _error(key: str, value: Any, allowed: str) -> ConfigError:
   return ConfigError(f"config.{key} = {value!r} is invalid: {allowed}.")
+
+
+def from_file(path: str, relative_to: str | None = None) -> ml_collections.ConfigDict:
+  """`get_config()` of the config file `path` (relative to the directory of the file
+  `relative_to` when given): lets one config file start from another."""
+  import importlib.util
+  if relative_to is not None:
+    path = os.path.join(os.path.dirname(os.path.abspath(relative_to)), path)
+  spec = importlib.util.spec_from_file_location(
+      "euphonium_config_" + os.path.splitext(os.path.basename(path))[0], path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
+
+
+def as_baseline(config: ml_collections.ConfigDict, preset: str) -> ml_collections.ConfigDict:
+  """The same GRPO run with an unguided method: sampling preset `preset` with every sampler
+  override cleared (the preset's values), outcome advantages only, no PRM."""
+  from euphonium_jax.sampling import config as sampling_config
+  config.sampling = sampling_config.default_sampling_config()
+  config.sampling.preset = preset
+  config.grpo.advantage_mode = "none"
+  config.grpo.rewards = tuple(r for r in config.grpo.rewards if r[0] != "prm_final")
+  config.init.prm = ""
+  return config
 
 
 def get_default_config() -> ml_collections.ConfigDict:
@@ -126,7 +151,48 @@ def get_default_config() -> ml_collections.ConfigDict:
 
   c.sampling = sampling_config.default_sampling_config()
   c.prm = _default_prm_config()
+  c.grpo = _default_grpo_config()
   return c
+
+
+def _default_grpo_config() -> ml_collections.ConfigDict:
+  """The `grpo` stage: dual-reward GRPO with the sampler of `config.sampling` (DESIGN.md 4).
+
+  The group size G and whether a group shares one initial noise are `sampling.group_size` /
+  `sampling.share_noise_in_group`. One optimiser step trains `samples_per_update` samples
+  (x K trained transitions each), computed in `accumulation` micro-batches: in the
+  reference's terms, one accumulation step is one micro-batch of samples with all of its
+  trained transitions.
+  """
+  return ml_collections.ConfigDict(dict(
+      iterations=100,
+      prompts_per_iteration=8,  # x sampling.group_size rollouts per iteration (global)
+      split="train",  # the prompts rollouts are drawn from
+      # Outcome rewards: (name, weight) pairs; each is group-normalised, clipped and gets its
+      # own clipped loss, weighted by weight * outcome_coef. Names are registered rewards
+      # (euphonium_jax/rewards) or 'prm_final', the PRM's score of the final clean latent.
+      rewards=(("shapes_fidelity", 1.0),),
+      advantage_mode="both",  # none (outcome only) | only (process only) | both
+      outcome_coef=1.0,
+      process_coef=1.0,
+      process_source="pre",  # pre | post | delta: which PRM score a transition gets
+      adv_clip=5.0,
+      clip_range=1e-4,  # the ratio's clip: [1 - clip_range, 1 + clip_range]
+      kl_coef=0.0,  # exact kernel KL to the frozen initial velocity (0 = off, no copy kept)
+      distill_coef=0.0,  # explicit distillation D_k (0 = implicit only, the reference);
+      # needs kl_coef > 0 (alone, on-policy, it drifts: see config validation)
+      timestep_fraction=0.6,  # trained share of the N - 1 trainable transitions per sample
+      samples_per_update=16,  # samples per optimiser step (global)
+      accumulation=1,  # micro-batches per optimiser step
+      inner_epochs=1,  # passes over each iteration's rollouts
+      cfg_scale=1.0,  # classifier-free guidance of the policy (rollout and update); 1 = off
+      score="x0_hat",  # x0_hat (the last step's clean estimate, the reference) | sample
+      lr=1e-6, b1=0.9, b2=0.999, weight_decay=1e-4, grad_clip=1.0, warmup_steps=0,
+      max_nonfinite=3,  # consecutive skipped (non-finite) updates before the run stops
+      eval_every=10,  # iterations between ODE evaluations on config.eval (0 = start/end only)
+      log_every=1,
+      ckpt_every=10,
+  ))
 
 
 def _default_prm_config() -> ml_collections.ConfigDict:
@@ -278,7 +344,7 @@ def _check_init_paths(config) -> None:
     raise _error("init.vae", config.init.vae,
                  "the pretrain stage needs a VAE: run the 'vae' stage first or give its "
                  "checkpoint path (e.g. 'assets/embedded')")
-  for stage in ("sample", "prm"):
+  for stage in ("sample", "prm", "grpo"):
     if stage in stages and "pretrain" not in stages and not config.init.pretrain:
       raise _error("init.pretrain", config.init.pretrain,
                    f"the {stage} stage needs a flow model: run 'pretrain' first or give its "
@@ -437,6 +503,86 @@ def _check_prm(config) -> None:
   _in_range(config, "prm.report.guidance_t", 0.0, 1.0, inclusive_hi=False)
 
 
+def _check_grpo(config) -> None:
+  from euphonium_jax import sampling
+  from euphonium_jax.rewards import registry
+  from euphonium_jax.rl import grpo
+  g = config.grpo
+  _positive(config, ["grpo.iterations", "grpo.prompts_per_iteration", "grpo.adv_clip",
+                     "grpo.clip_range", "grpo.samples_per_update", "grpo.accumulation",
+                     "grpo.inner_epochs", "grpo.lr", "grpo.max_nonfinite", "grpo.log_every",
+                     "grpo.ckpt_every"])
+  for key in ("outcome_coef", "process_coef", "kl_coef", "distill_coef", "weight_decay",
+              "grad_clip", "warmup_steps", "eval_every"):
+    if _get(config, f"grpo.{key}") < 0:
+      raise _error(f"grpo.{key}", _get(config, f"grpo.{key}"), "must be >= 0")
+  _one_of(config, "grpo.advantage_mode", grpo.ADVANTAGE_MODES)
+  _one_of(config, "grpo.process_source", grpo.PROCESS_SOURCES)
+  _one_of(config, "grpo.split", ("train", "heldout", "all"))
+  _one_of(config, "grpo.score", ("x0_hat", "sample"))
+  _in_range(config, "grpo.timestep_fraction", 0.0, 1.0)
+  if not g.timestep_fraction > 0:
+    raise _error("grpo.timestep_fraction", g.timestep_fraction, "must be in (0, 1]")
+  rewards = tuple(g.rewards)
+  names = tuple(registry.names()) + ("prm_final",)
+  if not rewards and g.advantage_mode != "only":
+    raise _error("grpo.rewards", rewards, "name at least one (name, weight) outcome reward "
+                 "unless grpo.advantage_mode = 'only'")
+  for entry in rewards:
+    if (not isinstance(entry, (tuple, list)) or len(entry) != 2 or entry[0] not in names
+        or not isinstance(entry[1], (int, float)) or entry[1] < 0):
+      raise _error("grpo.rewards", rewards, "(name, weight >= 0) pairs with names from "
+                   + ", ".join(names))
+  if not 0 < g.clip_range < 1:
+    raise _error("grpo.clip_range", g.clip_range, "must be in (0, 1)")
+  if g.cfg_scale < 0:
+    raise _error("grpo.cfg_scale", g.cfg_scale, "must be >= 0 (1 = off)")
+  if g.cfg_scale != 1.0 and config.pretrain.caption_dropout == 0:
+    raise _error("grpo.cfg_scale", g.cfg_scale, "classifier-free guidance needs a model "
+                 "trained with config.pretrain.caption_dropout > 0")
+  try:
+    sampler = sampling.sampler_config_from(config.sampling)
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
+  if sampler.group_size < 2:
+    raise _error("sampling.group_size", sampler.group_size,
+                 "must be >= 2 for GRPO (the advantage is normalised within a group)")
+  batch = g.prompts_per_iteration * sampler.group_size
+  if batch % g.samples_per_update:
+    raise _error("grpo.samples_per_update", g.samples_per_update,
+                 f"must divide the rollouts per iteration, grpo.prompts_per_iteration x "
+                 f"sampling.group_size = {batch}")
+  if g.samples_per_update % g.accumulation:
+    raise _error("grpo.accumulation", g.accumulation,
+                 f"must divide grpo.samples_per_update = {g.samples_per_update}")
+  arrs = sampling.grid_arrays(sampler)
+  if (arrs.g[:-1] <= 0).any():
+    raise _error("sampling.schedule", sampler.schedule, "GRPO trains stochastic transitions: "
+                 "g(t) must be > 0 on steps 0 .. N - 2 (not 'ode', nor eta = 0)")
+  if sampler.num_steps < 2:
+    raise _error("sampling.num_steps", sampler.num_steps, "must be >= 2 for GRPO (the last "
+                 "transition is never trained)")
+  if g.distill_coef > 0 and not arrs.guided.any():
+    raise _error("grpo.distill_coef", g.distill_coef, "distillation acts on guided steps; "
+                 "sampling.guidance.mode is 'off'")
+  if g.distill_coef > 0 and g.kl_coef == 0:
+    raise _error("grpo.distill_coef", g.distill_coef, "explicit distillation needs an anchor: "
+                 "set grpo.kl_coef > 0 too. On-policy, D_k pulls the unguided kernel to the "
+                 "current policy's guided one, so alone it adds the guidance shift again every "
+                 "iteration and drifts without bound; with the KL to the frozen reference the "
+                 "optimum is the reference's guided kernel")
+  uses_prm = (arrs.scored.any() or g.advantage_mode != "none"
+              or any(e[0] == "prm_final" for e in rewards))
+  stages = tuple(config.stages)
+  if uses_prm and "prm" not in stages and not config.init.prm:
+    raise _error("init.prm", config.init.prm, "this GRPO config needs a PRM (guidance, "
+                 "process advantages or the 'prm_final' reward): run the 'prm' stage first or "
+                 "give its checkpoint path (e.g. 'assets/embedded/prm')")
+  if g.advantage_mode != "none" and not arrs.scored.any():
+    raise _error("grpo.advantage_mode", g.advantage_mode, "process advantages need PRM scores "
+                 "during the rollout: enable guidance or sampling.score_unguided_steps")
+
+
 def validate(config, num_devices: int | None = None) -> None:
   """Raises ConfigError (key, value, what is allowed) for any config that cannot run."""
   import jax  # Only for the device count.
@@ -449,6 +595,8 @@ def validate(config, num_devices: int | None = None) -> None:
   _check_mesh(config, jax.device_count() if num_devices is None else num_devices)
   _check_init_paths(config)
   _check_prm(config)
+  if "grpo" in tuple(config.stages):
+    _check_grpo(config)
   try:
     sampling_config.sampler_config_from(config.sampling)
   except ValueError as e:

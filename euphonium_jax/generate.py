@@ -82,9 +82,10 @@ class Generator:
     pad = (-n) % dp  # keep the batch divisible by the data-parallel size
     if pad:
       cond = jax.tree.map(lambda a: jnp.concatenate([a, a[:1].repeat(pad, 0)]), cond)
-    cond = parallel.shard_batch(cond, self.mesh)
+    cond = jax.tree.map(lambda a: parallel.global_array(
+        np.asarray(a), parallel.batch_sharding(self.mesh, np.ndim(a))), cond)
     frames, latents = self._program(params, key, cond, null)
-    return np.asarray(frames)[:n], np.asarray(latents)[:n]
+    return parallel.to_host(frames)[:n], parallel.to_host(latents)[:n]
 
   def evaluate(self, key, outdir: str, name: str, prompts: Sequence[str] | None = None,
                reward_name: str = "shapes_fidelity") -> dict[str, Any]:

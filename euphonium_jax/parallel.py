@@ -86,3 +86,18 @@ def data_parallel_size(mesh: Mesh) -> int:
 def shard_batch(tree, mesh: Mesh):
   """Places every array of a batch pytree with its leading dimension split."""
   return jax.tree.map(lambda x: jax.device_put(x, batch_sharding(mesh, np.ndim(x))), tree)
+
+
+def global_array(host: np.ndarray, sharding: NamedSharding) -> jax.Array:
+  """A global jax.Array from a host array every process holds in full (its own shards are
+  taken from it): works on one process and on several."""
+  host = np.asarray(host)
+  return jax.make_array_from_callback(host.shape, sharding, lambda idx: host[idx])
+
+
+def to_host(x: jax.Array) -> np.ndarray:
+  """The full value of a (possibly multi-process, sharded) array on every process."""
+  if jax.process_count() == 1 or getattr(x, "is_fully_addressable", True):
+    return np.asarray(x)
+  from jax.experimental import multihost_utils
+  return np.asarray(multihost_utils.process_allgather(x, tiled=True))

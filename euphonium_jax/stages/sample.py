@@ -1,5 +1,8 @@
 """The `sample` stage: text -> videos with the flow model (ODE sampler, no reward model).
 
+The model is this workdir's GRPO result when the config runs the `grpo` stage, else the
+pretrained one (`init.pretrain` or this workdir's `pretrain` stage).
+
 Writes `WORKDIR/sample/videos.{gif,mp4}`, a PNG contact sheet and `scores.json` (the outcome
 reward of each video), then a DONE marker.
 """
@@ -24,7 +27,9 @@ def is_done(workdir: str) -> bool:
 
 def run(config, workdir: str) -> dict:
   out = stage_dir(workdir)
-  source = embedded.flow_dir(config, workdir)
+  trained = os.path.join(workdir, "grpo", "final")  # a GRPO run in this workdir comes first
+  source = trained if "grpo" in tuple(config.stages) and checkpoint.is_done(trained) else \
+      embedded.flow_dir(config, workdir)
   gen = generate.Generator.from_checkpoint(config, source)
   prompts = list(config.sample.prompts) or None
   if prompts is not None:
