@@ -28,6 +28,6 @@ def get_config():
   config.prm.report.update(num_prompts=4, ode_steps=3)
   config.sampling.update(num_steps=6, group_size=4)
   config.sampling.guidance.start = 3
-  config.grpo.update(iterations=2, prompts_per_iteration=2, samples_per_update=4,
-                     accumulation=2, lr=1e-4, eval_every=0, ckpt_every=1)
+  config.grpo.update(iterations=2, prompts_per_iteration=2, samples_per_update=8,
+                     accumulation=1, lr=1e-4, eval_every=0, ckpt_every=1)
   return config

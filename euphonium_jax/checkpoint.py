@@ -73,7 +73,11 @@ def load_final(directory: str, abstract_tree: Any | None = None) -> dict[str, An
   ckptr = ocp.StandardCheckpointer()
   path = os.path.join(directory, "arrays")
   if abstract_tree is None:
-    return ckptr.restore(path)
+    # Host numpy arrays: readable whatever device topology wrote them (8 forced CPU devices,
+    # several processes, one GPU), and placeable by the caller with any sharding.
+    meta = ckptr.metadata(path).item_metadata.tree
+    return ocp.PyTreeCheckpointer().restore(path, restore_args=jax.tree.map(
+        lambda m: ocp.RestoreArgs(restore_type=np.ndarray), meta))
   return ckptr.restore(path, abstract_tree)
 
 

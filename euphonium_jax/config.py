@@ -503,7 +503,20 @@ def _check_prm(config) -> None:
   _in_range(config, "prm.report.guidance_t", 0.0, 1.0, inclusive_hi=False)
 
 
-def _check_grpo(config) -> None:
+def _data_parallel_size(config, num_devices: int) -> int:
+  """Devices along the batch axes ('data', 'fsdp') of the configured mesh."""
+  shape, axes = list(config.mesh.shape), tuple(config.mesh.axes)
+  known = 1
+  for s in shape:
+    known *= s if s > 0 else 1
+  shape = [num_devices // known if s == -1 else s for s in shape]
+  size = 1
+  for s, a in zip(shape, axes):
+    size *= s if a in ("data", "fsdp") else 1
+  return size
+
+
+def _check_grpo(config, num_devices: int | None = None) -> None:
   from euphonium_jax import sampling
   from euphonium_jax.rewards import registry
   from euphonium_jax.rl import grpo
@@ -555,6 +568,15 @@ def _check_grpo(config) -> None:
   if g.samples_per_update % g.accumulation:
     raise _error("grpo.accumulation", g.accumulation,
                  f"must divide grpo.samples_per_update = {g.samples_per_update}")
+  if num_devices is not None:
+    dp = _data_parallel_size(config, num_devices)
+    for key, n in (("grpo.prompts_per_iteration", batch),
+                   ("grpo.samples_per_update", g.samples_per_update // g.accumulation)):
+      if n % dp:
+        raise _error(key, _get(config, key), f"gives {n} samples per "
+                     f"{'iteration' if key.endswith('iteration') else 'micro-batch'}, which must "
+                     f"be divisible by the data-parallel size {dp} (mesh {tuple(config.mesh.shape)} "
+                     f"on {num_devices} devices)")
   arrs = sampling.grid_arrays(sampler)
   if (arrs.g[:-1] <= 0).any():
     raise _error("sampling.schedule", sampler.schedule, "GRPO trains stochastic transitions: "
@@ -596,7 +618,7 @@ def validate(config, num_devices: int | None = None) -> None:
   _check_init_paths(config)
   _check_prm(config)
   if "grpo" in tuple(config.stages):
-    _check_grpo(config)
+    _check_grpo(config, jax.device_count() if num_devices is None else num_devices)
   try:
     sampling_config.sampler_config_from(config.sampling)
   except ValueError as e:

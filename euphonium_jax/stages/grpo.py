@@ -193,7 +193,7 @@ def run(config, workdir: str) -> dict:
            "rng": jax.random.key_data(jax.random.key(config.seed))}
   if hp.kl_coef > 0:
     state_sh["ref"] = p_sh
-    state["ref"] = model_p
+    state["ref"] = jax.tree.map(jnp.copy, model_p)  # own buffers: the state is donated
   state = training.place(state, state_sh)
 
   # ----------------------------------------------------------------------- Rollout
