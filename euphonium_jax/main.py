@@ -25,12 +25,39 @@ _CONFIG = config_flags.DEFINE_config_file(
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints, metrics and videos go.")
 
 
-def run(config, workdir: str) -> None:
-  """Validates `config` and runs its stages in order (importable, for notebooks and tests)."""
+def initialize_distributed() -> None:
+  """`jax.distributed.initialize` for a multi-process run (EUPHONIUM_DISTRIBUTED=1).
+
+  The coordinator `host:port`, the number of processes and this process's id come from
+  EUPHONIUM_COORDINATOR, EUPHONIUM_NUM_PROCESSES and EUPHONIUM_PROCESS_ID; any left unset is
+  auto-detected by JAX (SLURM, Cloud TPU, Open MPI, ...; all unset: pure auto-detection).
+  Cross-process collectives on CPU use gloo unless another implementation is configured.
+  Must run before anything touches a JAX backend; a second call is a no-op.
+  """
   import jax
 
+  if jax.distributed.is_initialized():
+    return
+  if jax.config.jax_cpu_collectives_implementation in (None, "none"):
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  kwargs = {}
+  for key, var, kind in (("coordinator_address", "EUPHONIUM_COORDINATOR", str),
+                         ("num_processes", "EUPHONIUM_NUM_PROCESSES", int),
+                         ("process_id", "EUPHONIUM_PROCESS_ID", int)):
+    value = os.environ.get(var, "").strip()
+    if not value:
+      continue
+    try:
+      kwargs[key] = kind(value)
+    except ValueError:
+      raise config_lib.ConfigError(f"{var}={value!r} must be an integer") from None
+  jax.distributed.initialize(**kwargs)
+
+
+def run(config, workdir: str) -> None:
+  """Validates `config` and runs its stages in order (importable, for notebooks and tests)."""
   if os.environ.get("EUPHONIUM_DISTRIBUTED") == "1":
-    jax.distributed.initialize()
+    initialize_distributed()
   config_lib.validate(config)
   os.makedirs(workdir, exist_ok=True)
   with open(os.path.join(workdir, "config.json"), "w") as f:
