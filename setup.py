@@ -32,6 +32,8 @@ setuptools.setup(
         "tensorboardX>=2.6",  # TensorBoard event files without TensorFlow or PyTorch.
     ],
     extras_require={
-        "test": ["pytest>=8.0", "scipy>=1.13"],
+        # nbclient, nbformat, ipykernel: tests/test_notebook.py executes the Colab notebook.
+        "test": ["pytest>=8.0", "scipy>=1.13", "nbclient>=0.11.0", "nbformat>=5.11.1",
+                 "ipykernel>=7.4.0"],
     },
 )
