@@ -51,7 +51,8 @@ ABLATIONS = {
 
 
 def _flag(key, value) -> str:
-  return f"--config.{key}={value!r}" if isinstance(value, str) else f"--config.{key}={value}"
+  # ml_collections parses a string override raw (no quotes) and other types as literals.
+  return f"--config.{key}={value}" if isinstance(value, str) else f"--config.{key}={value!r}"
 
 
 def run_one(name: str, config: str, overrides: dict, seed: int, args) -> str:
@@ -108,12 +109,22 @@ def bootstrap_ratio(a: np.ndarray, b: np.ndarray, n: int = 5000, seed: int = 0):
   return float(np.percentile(ratio, 2.5)), float(np.percentile(ratio, 97.5))
 
 
+def _cpu_model() -> str:
+  try:
+    for line in open("/proc/cpuinfo"):
+      if line.startswith("model name"):
+        return line.split(":", 1)[1].strip()
+  except OSError:
+    pass
+  return platform.processor() or platform.machine()
+
+
 def analyse(runs: dict[str, list[dict]], args, command: str) -> str:
   dance_final = [r["reward"][-1] for r in runs["dance_grpo"]]
   threshold = float(np.mean(dance_final))
   lines = [f"# Convergence study on the embedded world\n",
            f"Command: `{command}`  ",
-           f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+           f"Machine: {_cpu_model()}, {os.cpu_count()} cores, "
            f"{time.strftime('%Y-%m-%d')}; "
            f"{args.iterations} iterations per run, evaluation every {args.eval_every} on "
            f"{args.eval_prompts} held-out prompts (Euler ODE, 30 steps, no reward model).\n",
@@ -134,6 +145,9 @@ def analyse(runs: dict[str, list[dict]], args, command: str) -> str:
   e, d = steps["euphonium"], steps["dance_grpo"]
   spi = {k: np.mean([r["seconds_per_iteration"] for r in v]) for k, v in runs.items()}
   lines.append("")
+  if len(e) < 2 or len(d) < 2:
+    lines.append("One seed per method: no confidence interval, and differences smaller than about "
+                 "two evaluation standard errors (the +- column) are noise.")
   if np.isfinite(e).all() and np.isfinite(d).all() and e.mean() > 0:
     lo, hi = bootstrap_ratio(d, e)
     ratio = d.mean() / e.mean()
