@@ -64,6 +64,9 @@ def run_one(name: str, config: str, overrides: dict, seed: int, args) -> str:
   over.update({"seed": seed, "grpo.iterations": args.iterations,
                "grpo.eval_every": args.eval_every, "eval.num_prompts": args.eval_prompts,
                "stages": ("grpo",)})
+  if args.prompts:
+    over.update({"grpo.prompts_per_iteration": args.prompts,
+                 "grpo.samples_per_update": args.prompts * 8})
   cmd = [sys.executable, "-m", "euphonium_jax.main", "--config",
          os.path.join(REPO, config), "--workdir", workdir] + [_flag(k, v) for k, v in over.items()]
   print(f"[study] {name} seed {seed}: {' '.join(cmd[3:])}", flush=True)
@@ -193,13 +196,18 @@ def main() -> None:
   p.add_argument("--iterations", type=int, default=40)
   p.add_argument("--eval_every", type=int, default=10)
   p.add_argument("--eval_prompts", type=int, default=64)
+  p.add_argument("--prompts", type=int, default=0,
+                 help="grpo.prompts_per_iteration (and samples_per_update = prompts x 8) for "
+                      "every run; 0 = the configs' own")
   p.add_argument("--quick", action="store_true",
-                 help="1 seed, 8 iterations, evaluation every 4 on 32 prompts (~15 minutes)")
+                 help="1 seed, 8 iterations, evaluation every 4 on 32 prompts, 4 prompts per "
+                      "iteration (~12 minutes)")
   p.add_argument("--no_ablations", action="store_true")
   args = p.parse_args()
   if args.quick:
     args.seeds, args.ablation_seeds, args.iterations, args.eval_every, args.eval_prompts = (
         1, 1, 8, 4, 32)
+    args.prompts = args.prompts or 4
     if args.out.endswith("convergence"):
       args.out += "_quick"
   os.makedirs(args.workdir, exist_ok=True)
