@@ -1,6 +1,5 @@
 """The shipped assets load, and the base model's reward matches the recorded number."""
 
-import importlib.util
 import os
 
 import jax
@@ -14,10 +13,7 @@ ASSETS = os.path.join(REPO, "assets", "embedded")
 
 
 def _sample_config():
-  spec = importlib.util.spec_from_file_location("s", os.path.join(REPO, "configs", "sample.py"))
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  return mod.get_config()
+  return config_lib.from_file(os.path.join(REPO, "configs", "sample.py"))
 
 
 def test_assets_are_finished_and_small():

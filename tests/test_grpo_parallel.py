@@ -8,7 +8,6 @@
    config and end with the parameters of one process with 4 devices.
 """
 
-import importlib.util
 import math
 import os
 import socket
@@ -21,6 +20,7 @@ import numpy as np
 import optax
 import pytest
 
+from euphonium_jax import config as config_lib
 from euphonium_jax import checkpoint, embedded, parallel, report, sampling, training
 from euphonium_jax.rl import grpo
 from euphonium_jax.stages import grpo as grpo_stage
@@ -30,10 +30,7 @@ TINY = os.path.join(REPO, "configs", "tiny.py")
 
 
 def tiny_config():
-  spec = importlib.util.spec_from_file_location("tiny", TINY)
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  return mod.get_config()
+  return config_lib.from_file(TINY)
 
 
 def perturb(tree, key, scale):

@@ -1,6 +1,5 @@
 """The latent process reward model: network, losses, rollout cache, quality metrics, config."""
 
-import importlib.util
 import os
 
 import jax
@@ -21,10 +20,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def tiny_config():
-  spec = importlib.util.spec_from_file_location("tiny", os.path.join(REPO, "configs", "tiny.py"))
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  return mod.get_config()
+  return config_lib.from_file(os.path.join(REPO, "configs", "tiny.py"))
 
 
 @jax.jit

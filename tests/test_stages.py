@@ -1,6 +1,5 @@
 """End to end on the tiny config: every stage runs, writes its outputs, and resumes exactly."""
 
-import importlib.util
 import json
 import os
 import shutil
@@ -9,16 +8,14 @@ import jax
 import numpy as np
 import pytest
 
+from euphonium_jax import config as config_lib
 from euphonium_jax import checkpoint, main, report
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def tiny_config():
-  spec = importlib.util.spec_from_file_location("tiny", os.path.join(REPO, "configs", "tiny.py"))
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  return mod.get_config()
+  return config_lib.from_file(os.path.join(REPO, "configs", "tiny.py"))
 
 
 @pytest.fixture(scope="module")
