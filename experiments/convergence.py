@@ -160,8 +160,10 @@ def analyse(runs: dict[str, list[dict]], args, command: str) -> str:
                  f"(Euphonium's iteration costs {spi['euphonium'] / spi['dance_grpo']:.2f}x "
                  "DanceGRPO's).")
   else:
-    lines.append(f"Speed-up not defined: steps to threshold Euphonium {list(e)}, DanceGRPO "
-                 f"{list(d)} (a run that never reaches the threshold has no step count).")
+    fmt = lambda xs: ", ".join("never" if np.isinf(x) else f"{x:.1f}" for x in xs)
+    lines.append(f"Speed-up not defined: steps to threshold Euphonium [{fmt(e)}], DanceGRPO "
+                 f"[{fmt(d)}] (a run that never reaches the threshold has no step count; a run "
+                 "whose first evaluation is already above it counts 0).")
   return "\n".join(lines) + "\n"
 
 
