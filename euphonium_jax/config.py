@@ -143,6 +143,9 @@ def get_default_config() -> ml_collections.ConfigDict:
       cfg_scale=1.0,  # classifier-free guidance; 1 = off
       num_videos=16,  # how many go into the video grid / contact sheet
       fps=4,
+      # Prompts and noise of the grpo stage's evaluations. Independent of `seed`, so that runs
+      # with different training seeds and methods are scored on the same prompts and noise.
+      seed=0,
   ))
   c.sample = ml_collections.ConfigDict(dict(
       prompts=(),  # captions to sample; empty -> `eval.num_prompts` held-out prompts

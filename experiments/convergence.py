@@ -38,7 +38,8 @@ METHODS = {
     "dance_grpo": ("configs/dance_grpo.py", {}),
     "flow_grpo": ("configs/flow_grpo.py", {}),
 }
-# Ablations of Euphonium (configs/euphonium.py: guided, outcome + post-step process advantage).
+# Ablations of Euphonium (configs/euphonium.py: PRM-guided constant-noise SDE, outcome + process
+# advantage with the process reward = change of the PRM score across the step, no distillation).
 ABLATIONS = {
     "guidance_off_dual": ("configs/euphonium.py", {"sampling.guidance.mode": "off",
                                                    "sampling.score_unguided_steps": True}),
@@ -46,7 +47,7 @@ ABLATIONS = {
     "memoryless": ("configs/euphonium.py", {"sampling.schedule": "memoryless"}),
     "distill_on": ("configs/euphonium.py", {"grpo.distill_coef": 1.0, "grpo.kl_coef": 1.0}),
     "process_pre": ("configs/euphonium.py", {"grpo.process_source": "pre"}),
-    "process_delta": ("configs/euphonium.py", {"grpo.process_source": "delta"}),
+    "process_post": ("configs/euphonium.py", {"grpo.process_source": "post"}),
 }
 
 
@@ -91,25 +92,39 @@ def read_run(workdir: str) -> dict:
           "stderr": np.array([e[2] for e in evals], float), "seconds_per_iteration": per_iter}
 
 
-def steps_to(run: dict, threshold: float) -> float:
-  """First (interpolated) step at which the evaluation reward reaches `threshold`; inf if never."""
-  s, r = run["steps"], run["reward"]
-  for i in range(len(r)):
-    if r[i] >= threshold:
+def steps_to(steps: np.ndarray, reward: np.ndarray, threshold: float) -> float:
+  """First (interpolated) step at which a reward curve reaches `threshold`; inf if never."""
+  for i in range(len(reward)):
+    if reward[i] >= threshold:
       if i == 0:
-        return float(s[0])
-      frac = (threshold - r[i - 1]) / (r[i] - r[i - 1])
-      return float(s[i - 1] + frac * (s[i] - s[i - 1]))
+        return float(steps[0])
+      frac = (threshold - reward[i - 1]) / (reward[i] - reward[i - 1])
+      return float(steps[i - 1] + frac * (steps[i] - steps[i - 1]))
   return float("inf")
 
 
-def bootstrap_ratio(a: np.ndarray, b: np.ndarray, n: int = 5000, seed: int = 0):
-  """Percentile 95% interval of mean(a) / mean(b), resampling each over its seeds."""
+def speedup(euph: np.ndarray, dance: np.ndarray, steps: np.ndarray) -> tuple[float, float, float]:
+  """(steps of DanceGRPO, steps of Euphonium, ratio) on the seed-mean curves.
+
+  `euph` and `dance` are [seeds, evaluations]. The threshold is DanceGRPO's mean final
+  reward, so DanceGRPO's mean curve reaches it at the last evaluation at the latest. Euphonium
+  never reaching it gives ratio 0; reaching it at the first evaluation gives inf.
+  """
+  threshold = dance[:, -1].mean()
+  sd = steps_to(steps, dance.mean(0), threshold)
+  se = steps_to(steps, euph.mean(0), threshold)
+  ratio = 0.0 if np.isinf(se) else (np.inf if se == 0 else sd / se)
+  return sd, se, ratio
+
+
+def bootstrap_speedup(euph, dance, steps, n: int = 10000, seed: int = 0):
+  """Percentile 95% interval of `speedup`, resampling each method's seeds with replacement."""
   rng = np.random.default_rng(seed)
-  ra = rng.choice(a, (n, len(a))).mean(1)
-  rb = rng.choice(b, (n, len(b))).mean(1)
-  ratio = ra / rb
-  return float(np.percentile(ratio, 2.5)), float(np.percentile(ratio, 97.5))
+  ratios = np.array([
+      speedup(euph[rng.integers(0, len(euph), len(euph))],
+              dance[rng.integers(0, len(dance), len(dance))], steps)[2] for _ in range(n)])
+  return (float(np.percentile(ratios, 2.5)), float(np.percentile(ratios, 97.5)),
+          float(np.mean(ratios == 0)))
 
 
 def _cpu_model() -> str:
@@ -122,48 +137,70 @@ def _cpu_model() -> str:
   return platform.processor() or platform.machine()
 
 
+def _curves(rs: list[dict]) -> np.ndarray:
+  return np.stack([r["reward"] for r in rs])
+
+
+def _se(x: np.ndarray) -> float:
+  return float(x.std(ddof=1) / np.sqrt(len(x))) if len(x) > 1 else float("nan")
+
+
 def analyse(runs: dict[str, list[dict]], args, command: str) -> str:
-  dance_final = [r["reward"][-1] for r in runs["dance_grpo"]]
-  threshold = float(np.mean(dance_final))
-  lines = [f"# Convergence study on the embedded world\n",
-           f"Command: `{command}`  ",
-           f"Machine: {_cpu_model()}, {os.cpu_count()} cores, "
-           f"{time.strftime('%Y-%m-%d')}; "
-           f"{args.iterations} iterations per run, evaluation every {args.eval_every} on "
-           f"{args.eval_prompts} held-out prompts (Euler ODE, 30 steps, no reward model).\n",
-           f"Threshold = DanceGRPO's mean final evaluation reward = {threshold:.4f}.\n",
-           "| run | seeds | eval reward at 0 | final eval reward (+- SE over seeds) | steps to "
-           "threshold (per seed) | s / iteration |",
-           "|---|---|---|---|---|---|"]
-  steps = {}
+  steps = runs["dance_grpo"][0]["steps"]
   for name, rs in runs.items():
-    final = np.array([r["reward"][-1] for r in rs])
-    se = final.std(ddof=1) / np.sqrt(len(final)) if len(final) > 1 else rs[0]["stderr"][-1]
-    st = [steps_to(r, threshold) for r in rs]
-    steps[name] = np.array(st)
-    lines.append(f"| {name} | {len(rs)} | {np.mean([r['reward'][0] for r in rs]):.4f} | "
-                 f"{final.mean():.4f} +- {se:.4f} | "
-                 f"{', '.join('never' if np.isinf(x) else f'{x:.1f}' for x in st)} | "
-                 f"{np.mean([r['seconds_per_iteration'] for r in rs]):.2f} |")
-  e, d = steps["euphonium"], steps["dance_grpo"]
-  spi = {k: np.mean([r["seconds_per_iteration"] for r in v]) for k, v in runs.items()}
+    for r in rs:
+      if not np.array_equal(r["steps"], steps):
+        raise ValueError(f"{name}: evaluations at {r['steps']}, expected {steps}")
+  dance = _curves(runs["dance_grpo"])
+  threshold = float(dance[:, -1].mean())
+  start = float(dance[0, 0])
+  spi = {k: float(np.median([r["seconds_per_iteration"] for r in v])) for k, v in runs.items()}
+  lines = [
+      "# Convergence study on the embedded world\n",
+      f"Command: `{command}`  ",
+      f"Machine: {_cpu_model()}, {os.cpu_count()} cores, {time.strftime('%Y-%m-%d')}.  ",
+      f"Every run: {args.iterations} iterations of the grpo stage from the shipped base model "
+      f"and PRM; evaluation at iteration 0 and every {args.eval_every} on {args.eval_prompts} "
+      "held-out prompts (Euler ODE, 30 steps, no reward model; the same prompts and noise for "
+      "every run, so every curve starts at the same value).\n",
+      f"Threshold = DanceGRPO's mean final evaluation reward = {threshold:.4f} "
+      f"(start {start:.4f}).\n",
+      "| run | seeds | final eval reward (mean +- SE over seeds) | gain over start | "
+      "steps to threshold, seed-mean curve (per seed) | s / iteration |",
+      "|---|---|---|---|---|---|"]
+  for name, rs in runs.items():
+    c = _curves(rs)
+    final = c[:, -1]
+    per_seed = [steps_to(steps, x, threshold) for x in c]
+    fmt = ", ".join("never" if np.isinf(x) else f"{x:.1f}" for x in per_seed)
+    mean_steps = steps_to(steps, c.mean(0), threshold)
+    ms = "never" if np.isinf(mean_steps) else f"{mean_steps:.1f}"
+    se = _se(final)
+    se_txt = f"{se:.4f}" if np.isfinite(se) else f"{rs[0]['stderr'][-1]:.4f} (prompts)"
+    lines.append(f"| {name} | {len(rs)} | {final.mean():.4f} +- {se_txt} | "
+                 f"{final.mean() - start:+.4f} | {ms} ({fmt}) | {spi[name]:.2f} |")
   lines.append("")
-  if len(e) < 2 or len(d) < 2:
-    lines.append("One seed per method: no confidence interval, and differences smaller than about "
-                 "two evaluation standard errors (the +- column) are noise.")
-  if np.isfinite(e).all() and np.isfinite(d).all() and e.mean() > 0:
-    lo, hi = bootstrap_ratio(d, e)
-    ratio = d.mean() / e.mean()
-    wall = ratio * spi["dance_grpo"] / spi["euphonium"]
-    lines.append(f"Speed-up of Euphonium over DanceGRPO in steps: {ratio:.2f} (95% bootstrap "
-                 f"interval over seeds {lo:.2f}-{hi:.2f}); in wall time: {wall:.2f} "
-                 f"(Euphonium's iteration costs {spi['euphonium'] / spi['dance_grpo']:.2f}x "
-                 "DanceGRPO's).")
+  lines.append("The +- of a single-seed row is the standard error over evaluation prompts, "
+               "which does not include training noise (seed-to-seed spread of the methods above "
+               "is the yardstick for those rows).\n")
+  euph = _curves(runs["euphonium"])
+  sd, se_, ratio = speedup(euph, dance, steps)
+  wall = spi["dance_grpo"] / spi["euphonium"]
+  if len(euph) > 1 and len(dance) > 1:
+    lo, hi, never = bootstrap_speedup(euph, dance, steps)
+    ci = (f" (95% bootstrap interval over seeds {lo:.2f}-{hi:.2f}; in {never:.0%} of the "
+          "resamples Euphonium's mean curve never reached the threshold, counted as 0)")
+    ci_wall = f" (interval {lo * wall:.2f}-{hi * wall:.2f})"
   else:
-    fmt = lambda xs: ", ".join("never" if np.isinf(x) else f"{x:.1f}" for x in xs)
-    lines.append(f"Speed-up not defined: steps to threshold Euphonium [{fmt(e)}], DanceGRPO "
-                 f"[{fmt(d)}] (a run that never reaches the threshold has no step count; a run "
-                 "whose first evaluation is already above it counts 0).")
+    ci = ci_wall = " (one seed: no interval)"
+  if np.isinf(se_):
+    lines.append(f"Speed-up: Euphonium's seed-mean curve never reached the threshold "
+                 f"(DanceGRPO's reached it at step {sd:.1f}).")
+  else:
+    lines.append(f"Speed-up of Euphonium over DanceGRPO in steps: {sd:.1f} / {se_:.1f} = "
+                 f"{ratio:.2f}{ci}.  ")
+    lines.append(f"In wall time: {ratio * wall:.2f}{ci_wall}; Euphonium's iteration costs "
+                 f"{1 / wall:.2f}x DanceGRPO's (PRM guidance in the rollout).")
   return "\n".join(lines) + "\n"
 
 
@@ -171,19 +208,28 @@ def plot(runs: dict[str, list[dict]], path: str) -> None:
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
-  fig, ax = plt.subplots(figsize=(7, 4.5))
-  for name, rs in runs.items():
-    s = rs[0]["steps"]
-    r = np.stack([x["reward"] for x in rs])
-    m = r.mean(0)
-    se = r.std(0, ddof=1) / np.sqrt(len(rs)) if len(rs) > 1 else rs[0]["stderr"]
-    style = "-" if name in METHODS else "--"
-    line, = ax.plot(s, m, style, marker="o", markersize=3, label=f"{name} (n={len(rs)})")
-    ax.fill_between(s, m - se, m + se, color=line.get_color(), alpha=0.15)
-  ax.set_xlabel("iteration")
-  ax.set_ylabel("held-out reward (ODE, no reward model)")
-  ax.grid(alpha=0.3)
-  ax.legend(fontsize=7)
+  has_ablations = any(n not in METHODS for n in runs)
+  fig, axes = plt.subplots(1, 2 if has_ablations else 1, figsize=(12 if has_ablations else 7, 4.5),
+                           squeeze=False, sharey=True)
+  panels = [(axes[0, 0], [n for n in runs if n in METHODS], "methods (band: +- 1 SE over seeds)")]
+  if has_ablations:
+    panels.append((axes[0, 1], ["euphonium"] + [n for n in runs if n not in METHODS],
+                   "ablations of Euphonium (1 seed: band = SE over prompts)"))
+  for ax, names, title in panels:
+    for name in names:
+      rs = runs[name]
+      s = rs[0]["steps"]
+      r = _curves(rs)
+      m = r.mean(0)
+      se = r.std(0, ddof=1) / np.sqrt(len(rs)) if len(rs) > 1 else rs[0]["stderr"]
+      style = "-" if name in METHODS else "--"
+      line, = ax.plot(s, m, style, marker="o", markersize=3, label=f"{name} (n={len(rs)})")
+      ax.fill_between(s, m - se, m + se, color=line.get_color(), alpha=0.15)
+    ax.set_title(title, fontsize=9)
+    ax.set_xlabel("iteration (one optimiser step each)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+  axes[0, 0].set_ylabel("held-out reward (ODE, no reward model)")
   fig.tight_layout()
   fig.savefig(path, dpi=110)
   plt.close(fig)
@@ -195,26 +241,26 @@ def main() -> None:
   p.add_argument("--out", default=os.path.join(REPO, "experiments", "results", "convergence"))
   p.add_argument("--seeds", type=int, default=3)
   p.add_argument("--ablation_seeds", type=int, default=1)
-  p.add_argument("--iterations", type=int, default=40)
-  p.add_argument("--eval_every", type=int, default=10)
-  p.add_argument("--eval_prompts", type=int, default=64)
+  p.add_argument("--iterations", type=int, default=10)
+  p.add_argument("--eval_every", type=int, default=2)
+  p.add_argument("--eval_prompts", type=int, default=128)
   p.add_argument("--prompts", type=int, default=0,
                  help="grpo.prompts_per_iteration (and samples_per_update = prompts x 8) for "
                       "every run; 0 = the configs' own")
   p.add_argument("--quick", action="store_true",
-                 help="1 seed, 8 iterations, evaluation every 4 on 32 prompts, 4 prompts per "
-                      "iteration (~12 minutes)")
+                 help="the three methods only, 1 seed, 6 iterations, evaluation every 3 on 64 "
+                      "prompts (~10 minutes on 2 cores)")
   p.add_argument("--no_ablations", action="store_true")
   args = p.parse_args()
   if args.quick:
-    args.seeds, args.ablation_seeds, args.iterations, args.eval_every, args.eval_prompts = (
-        1, 1, 8, 4, 32)
-    args.prompts = args.prompts or 4
+    args.seeds, args.iterations, args.eval_every, args.eval_prompts = 1, 6, 3, 64
+    args.no_ablations = True
     if args.out.endswith("convergence"):
       args.out += "_quick"
   os.makedirs(args.workdir, exist_ok=True)
   command = "python experiments/convergence.py " + " ".join(sys.argv[1:])
-  plan = [(n, c, o, s) for n, (c, o) in METHODS.items() for s in range(args.seeds)]
+  # Seed-major, so that a study stopped part-way has every method at the same number of seeds.
+  plan = [(n, c, o, s) for s in range(args.seeds) for n, (c, o) in METHODS.items()]
   if not args.no_ablations:
     plan += [(n, c, o, s) for n, (c, o) in ABLATIONS.items() for s in range(args.ablation_seeds)]
   runs: dict[str, list[dict]] = {}

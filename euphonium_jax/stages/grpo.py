@@ -17,9 +17,10 @@ iteration:
    state; a non-finite loss or gradient skips the step and is counted);
 6. every `eval_every` iterations (and at the start and the end) samples held-out prompts with
    the Euler ODE and NO reward model, and records the mean outcome reward with its standard
-   error (the same prompts and noise every time) and a video grid.
+   error (the same prompts and noise every time, from `eval.seed`, so runs with other training
+   seeds or methods are scored on the same ones) and a video grid.
 
-Randomness: every key derives from (config.seed, iteration). The rollout draws its noise for
+Randomness: every training key derives from (config.seed, iteration). The rollout draws its noise for
 the whole global batch from one replicated key; JAX's partitionable threefry makes each
 device compute only its own slice of that draw, so no two devices (or processes) share noise
 and the result does not depend on the mesh. Prompt choice and transition subsets are
@@ -232,7 +233,7 @@ def run(config, workdir: str) -> dict:
 
   # ------------------------------------------------------------------- Evaluation
   gen = generate.Generator(config, vae, text, (model_g, None, model_r), mesh)
-  eval_key = jax.random.fold_in(jax.random.key(config.seed), 777)
+  eval_key = jax.random.fold_in(jax.random.key(config.eval.seed), 777)
 
   def evaluate(params, iteration: int) -> dict:
     gen.model = (model_g, params, frozen["model_rest"])
