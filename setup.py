@@ -33,7 +33,10 @@ setuptools.setup(
     ],
     extras_require={
         # nbclient, nbformat, ipykernel: tests/test_notebook.py executes the Colab notebook.
+        # torch, diffusers, peft: the Wan parity tests compare against the PyTorch reference
+        # implementations. torch is pinned exactly: the 2.13.0 CPU build is what pip finds on
+        # these machines, and an unpinned torch pulls a multi-GB CUDA build.
         "test": ["pytest>=8.0", "scipy>=1.13", "nbclient>=0.11.0", "nbformat>=5.11.1",
-                 "ipykernel>=7.4.0"],
+                 "ipykernel>=7.4.0", "torch==2.13.0", "diffusers>=0.42.1", "peft>=0.21.2"],
     },
 )

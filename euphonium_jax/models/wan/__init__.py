@@ -1,0 +1,1 @@
+"""The real Wan2.1 family: transformer, LoRA, weight loading (see loading.py)."""
