@@ -52,6 +52,8 @@ class WeightsError(ValueError):
 
 
 def to_ours(x: np.ndarray, layout: str) -> np.ndarray:
+  if layout in ('conv3d', 'conv2d') and x.ndim != len(PERMUTATIONS[layout]):
+    return x  # wrong rank: left as is, so that ``place`` names it as a shape mismatch
   if layout == 'linear':
     return x.T
   if layout == 'conv3d':
