@@ -155,6 +155,9 @@ def get_default_config() -> ml_collections.ConfigDict:
   c.sampling = sampling_config.default_sampling_config()
   c.prm = _default_prm_config()
   c.grpo = _default_grpo_config()
+  # Which networks the grpo stage trains: the embedded world's, or a Wan2.1 diffusers folder.
+  c.model_family = "embedded"
+  c.wan = _default_wan_config()
   return c
 
 
@@ -196,6 +199,75 @@ def _default_grpo_config() -> ml_collections.ConfigDict:
       log_every=1,
       ckpt_every=10,
   ))
+
+
+def _default_wan_config() -> ml_collections.ConfigDict:
+  """`model_family = 'wan'`: a Wan2.1 text-to-video diffusers folder (see wan_bundle.py)."""
+  return ml_collections.ConfigDict(dict(
+      path="",  # folder with transformer/, vae/, text_encoder/, tokenizer/
+      frames=33, height=240, width=416,  # the video size trained on (frames = 1 + 4k)
+      max_text_length=512,  # UMT5 tokens per prompt (Wan pads to 512)
+      param_dtype="float32",  # storage dtype of the published weights
+      dtype="float32",  # matmul dtype (float32 accumulation)
+      remat="none",  # transformer block checkpointing: none | full | dots | dots_saveable
+      attention_impl="xla",  # jax.nn.dot_product_attention implementation: xla | cudnn
+      lora_rank=0,  # 0 = full fine-tuning
+      lora_alpha=1.0,
+      lora_targets=("to_q", "to_k", "to_v", "to_out.0"),
+      lora_dropout=0.0,  # only 0: rollouts and updates must see the same network
+  ))
+
+
+def _check_wan(config) -> None:
+  _one_of(config, "model_family", ("embedded", "wan"))
+  if config.model_family != "wan":
+    return
+  from euphonium_jax import wan_bundle
+  from euphonium_jax.models.wan import transformer as wt
+  w = config.wan
+  if not w.path:
+    raise _error("wan.path", w.path, "a Wan2.1 diffusers folder (transformer/, vae/, "
+                 "text_encoder/, tokenizer/) is required with model_family='wan'")
+  bad = [s for s in config.stages if s != "grpo"]
+  if bad:
+    raise _error("stages", tuple(config.stages), "with model_family='wan' only ('grpo',) runs "
+                 "(vae, pretrain, prm and sample are stages of the embedded world)")
+  try:
+    wan_bundle.check_folder(w.path)
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
+  _positive(config, ["wan.frames", "wan.height", "wan.width", "wan.max_text_length"])
+  if (w.frames - 1) % 4:
+    raise _error("wan.frames", w.frames, "must be 1 + 4k (the Wan VAE's chunks)")
+  vae = wan_bundle.vae_config(config)
+  for key in ("height", "width"):
+    f = vae.spatial_factor * 2  # VAE x patch size
+    if w[key] % f:
+      raise _error(f"wan.{key}", w[key], f"must be divisible by {f} (VAE factor x patch)")
+  for key in ("param_dtype", "dtype"):
+    _one_of(config, f"wan.{key}", ("float32", "bfloat16"))
+  _one_of(config, "wan.remat", ("none", "full", "dots", "dots_saveable"))
+  _one_of(config, "wan.attention_impl", ("xla", "cudnn"))
+  if w.lora_rank < 0:
+    raise _error("wan.lora_rank", w.lora_rank, "must be >= 0 (0 = full fine-tuning)")
+  bad = [t for t in w.lora_targets if t not in wt.LORA_TARGETS]
+  if bad:
+    raise _error("wan.lora_targets", tuple(w.lora_targets), f"each one of {wt.LORA_TARGETS}")
+  if w.lora_dropout != 0.0:
+    raise _error("wan.lora_dropout", w.lora_dropout, "only 0.0: the update's log-probs must be "
+                 "those of the network that drew the rollout")
+  from euphonium_jax import sampling
+  g = config.grpo
+  try:
+    arrs = sampling.grid_arrays(sampling.sampler_config_from(config.sampling))
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
+  if arrs.scored.any() or g.advantage_mode != "none" or any(
+      n == "prm_final" for n, _ in g.rewards):
+    raise ConfigError(
+        "model_family='wan' has no process reward model yet (the PRM stage trains on the "
+        "embedded world's latents): use a sampling preset without guidance (dance_grpo, "
+        "flow_grpo, flow_grpo_wan), grpo.advantage_mode='none' and pixel rewards only")
 
 
 def _default_prm_config() -> ml_collections.ConfigDict:
@@ -348,6 +420,8 @@ def _check_init_paths(config) -> None:
                  "the pretrain stage needs a VAE: run the 'vae' stage first or give its "
                  "checkpoint path (e.g. 'assets/embedded')")
   for stage in ("sample", "prm", "grpo"):
+    if stage == "grpo" and config.get("model_family") == "wan":
+      continue  # the flow model is config.wan.path's transformer
     if stage in stages and "pretrain" not in stages and not config.init.pretrain:
       raise _error("init.pretrain", config.init.pretrain,
                    f"the {stage} stage needs a flow model: run 'pretrain' first or give its "
@@ -615,6 +689,7 @@ def validate(config, num_devices: int | None = None) -> None:
 
   _check_schema(config, get_default_config())
   _check_stages(config)
+  _check_wan(config)
   _check_world_and_nets(config)
   _check_training(config)
   _check_mesh(config, jax.device_count() if num_devices is None else num_devices)

@@ -16,6 +16,7 @@ import ml_collections
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from euphonium_jax import checkpoint
 from euphonium_jax.data import world
@@ -102,10 +103,15 @@ def tokenizer(config):
   return text_lib.build_tokenizer(world.vocabulary(), max_length=config.text.max_length)
 
 
-def prompt_table(config) -> PromptTable:
+def all_captions() -> list[str]:
+  """Every caption of the world, in `combo_index` order."""
   everything = [(c, s, d) for c in range(len(world.COLOURS)) for s in range(len(world.SHAPES))
                 for d in range(len(world.DIRECTIONS))]
-  caps = world.captions(np.asarray(everything, np.int32)) + [NULL_PROMPT]
+  return world.captions(np.asarray(everything, np.int32))
+
+
+def prompt_table(config) -> PromptTable:
+  caps = all_captions() + [NULL_PROMPT]
   ids, mask = text_lib.tokenize(tokenizer(config), caps, config.text.max_length)
   return PromptTable(ids=ids, mask=mask)
 
@@ -115,6 +121,44 @@ def tokenize(config, prompts) -> tuple[np.ndarray, np.ndarray]:
 
 
 # ------------------------------------------------------------------------------ Loading
+
+
+def bundle(config):
+  """The model bundle of `config.model_family`: this module, or `wan_bundle` (same calls)."""
+  if config.get("model_family", "embedded") == "wan":
+    from euphonium_jax import wan_bundle
+    return wan_bundle
+  import sys
+  return sys.modules[__name__]
+
+
+def load_networks(config, workdir: str, mesh):
+  """(vae, text, model) (graphdef, params, rest) triples from the flow model's finished stage
+  (vae and text replicated: small), and that directory."""
+  source = flow_dir(config, workdir)
+  tree = checkpoint.load_final(source)
+  vae, text, model = (load(k, config, source, tree) for k in ("vae", "text", "model"))
+  rep = NamedSharding(mesh, P())
+  vae, text = ((n[0],) + jax.device_put(n[1:], rep) for n in (vae, text))
+  return vae, text, model, source
+
+
+def model_param_shardings(config, mesh):
+  from euphonium_jax import training
+  return training.param_shardings(abstract("model", config), mesh, config.sharding.rules)
+
+
+def reference_params(config, params):
+  """The KL reference: a frozen copy of the starting parameters (own buffers)."""
+  return jax.tree.map(jnp.copy, params)
+
+
+def save_final(directory: str, state_params, model_rest, vae, text, summary, config) -> None:
+  checkpoint.save_final(directory, {
+      "model": {"params": state_params, "rest": model_rest},
+      "vae": {"params": vae[1], "rest": vae[2]},
+      "text": {"params": text[1], "rest": text[2]},
+  }, summary)
 
 
 def vae_dir(config, workdir: str) -> str:

@@ -30,6 +30,7 @@ class Generator:
   text: tuple
   model: tuple
   mesh: Any
+  nets: Any = embedded  # the model bundle: `embedded` or `wan_bundle` (same calls)
 
   @classmethod
   def from_params(cls, config, *, vae, text, model, mesh=None) -> "Generator":
@@ -47,10 +48,10 @@ class Generator:
 
   @functools.cached_property
   def _text_program(self):
-    return jax.jit(embedded.text_fn(self.text[0]))
+    return jax.jit(self.nets.text_fn(self.text[0]))
 
   def text_cond(self, prompts: Sequence[str]) -> dict[str, jax.Array]:
-    ids, mask = embedded.tokenize(self.config, prompts)
+    ids, mask = self.nets.tokenize(self.config, prompts)
     return self._text_program(self.text[1:], ids, mask)
 
   @functools.cached_property
@@ -59,9 +60,9 @@ class Generator:
     c = self.config
     sampler = sampling.preset("ode", num_steps=c.eval.num_steps, shift=c.eval.shift)
     vg, _, _ = self.model
-    velocity = embedded.velocity_fn(vg)
-    decode = embedded.decode_fn(self.vae[0])
-    shape = embedded.latent_shape(c)
+    velocity = self.nets.velocity_fn(vg)
+    decode = self.nets.decode_fn(self.vae[0])
+    shape = self.nets.latent_shape(c)
 
     def program(params, key, cond, null):
       v = embedded.cfg_velocity(velocity, c.eval.cfg_scale, null)
@@ -75,7 +76,7 @@ class Generator:
   def sample(self, key, prompts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
     """Videos [B, T, H, W, 3] in [0, 1] (and their latents) for `prompts`."""
     cond = self.text_cond(prompts)
-    null = self.text_cond([embedded.NULL_PROMPT])
+    null = self.text_cond([self.nets.NULL_PROMPT])
     params = {"model": self.model[1:], "vae": self.vae[1:]}
     n = len(prompts)
     dp = parallel.data_parallel_size(self.mesh)

@@ -1,4 +1,5 @@
-"""The shapes_fidelity reward: ground truth scores high, every corruption lowers it, gradually."""
+"""The shapes_fidelity reward: ground truth scores high, every corruption lowers it, gradually;
+and JPEG compressibility."""
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -121,3 +122,22 @@ def test_gradient_is_finite(clean):
   grad = jax.grad(lambda x: shapes.shapes_fidelity_attrs(x, attrs[:8]).sum())
   for x in (frames[:8], jnp.zeros_like(frames[:8]), frames[:8, :1].repeat(8, 1)):
     assert bool(jnp.isfinite(grad(x)).all())
+
+
+def test_jpeg_compressibility_prefers_flat_frames():
+  import io
+
+  from PIL import Image
+
+  rng = np.random.default_rng(0)
+  flat = np.full((1, 3, 16, 16, 3), 0.5, np.float32)
+  noise = rng.uniform(size=(1, 3, 16, 16, 3)).astype(np.float32)
+  r = np.asarray(rewards.get("jpeg_compressibility")(np.concatenate([flat, noise]), ["", ""]))
+  assert r.shape == (2,) and r[0] > r[1]
+  # Independent: minus the mean JPEG size (quality 95) of the noise frames, in kB.
+  sizes = []
+  for f in noise[0]:
+    buf = io.BytesIO()
+    Image.fromarray((f * 255 + 0.5).astype(np.uint8)).save(buf, format="JPEG", quality=95)
+    sizes.append(buf.tell() / 1000)
+  assert r[1] == pytest.approx(-np.mean(sizes), rel=1e-6)

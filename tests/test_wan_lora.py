@@ -1,7 +1,8 @@
 """LoRA on the Wan transformer: adapters only in the optimiser state, adapters-off reference,
 merge, and an export that diffusers loads (load_lora_adapter) with the same output."""
-import sys
+import functools
 import os
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -33,9 +34,14 @@ def setup(tmp_path_factory):
   return path, ref, graphdef, adapters, frozen
 
 
+@functools.partial(jax.jit, static_argnums=0)
+def _forward(graphdef, states, x, t, text):
+  return nnx.merge(graphdef, *states)(x, t, {"tokens": text})
+
+
 def _run(graphdef, *states):
-  x, t, text = _inputs()
-  return np.asarray(jax.jit(lambda *s: nnx.merge(graphdef, *s)(x, t, {"tokens": text}))(*states))
+  """One compiled forward per graphdef (and state structure), reused across the tests."""
+  return np.asarray(_forward(graphdef, states, *_inputs()))
 
 
 def test_fresh_adapters_leave_the_published_model(tmp_path):

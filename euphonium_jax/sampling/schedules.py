@@ -35,6 +35,17 @@ def shifted_grid(num_steps: int, shift: float) -> np.ndarray:
   return shift_times(np.linspace(1.0, 0.0, num_steps + 1), shift)
 
 
+def unipc_flow_grid(num_steps: int, shift: float, num_train_timesteps: int = 1000) -> np.ndarray:
+  """The [N + 1] times of diffusers' UniPCMultistepScheduler(use_flow_sigmas=True, flow_shift)
+  (Wan's scheduler): N points of linspace(1, 1 / num_train_timesteps), shifted, the first
+  nudged below 1 by 1e-6 as diffusers does, then 0."""
+  s = np.linspace(1.0, 1.0 / num_train_timesteps, num_steps + 1)[:-1]
+  s = shift * s / (1.0 + (shift - 1.0) * s)
+  if abs(s[0] - 1.0) < 1e-6:
+    s[0] -= 1e-6
+  return np.concatenate([s, [0.0]])
+
+
 def time_grid(cfg: SamplerConfig) -> np.ndarray:
   """The N + 1 decreasing times of `cfg`, float64: the explicit grid if given, else shifted."""
   if cfg.grid is not None:

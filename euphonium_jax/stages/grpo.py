@@ -99,20 +99,22 @@ def score_rewards(names, frames: np.ndarray, prompts, extra: dict[str, np.ndarra
 
 
 def make_update_step(policy, tx, arrs: sampling.GridArrays, hp: grpo.Hyper, accumulation: int,
-                     mesh, state_sh, data_sh, keep_means: bool):
+                     mesh, state_sh, data_sh, keep_means: bool, frozen_sh=None):
   """The jitted, sharded optimiser step `update_step(state, data, idx, frozen) -> (state,
   metrics)` on the samples `idx` (replicated int `[samples_per_update]`) of one iteration's
   `data` (batch-sharded: latents, logprobs, adv_outcome, adv_process, steps, combo, and
   means_guided / guidance with `keep_means`). `policy(frozen)` returns the velocity
   `(params, x, t, cond)`; `frozen['text']` is the text encoder's output per prompt index.
-  State shardings are declared in and out and the state is donated."""
+  State shardings are declared in and out and the state is donated; `frozen_sh` (default
+  replicated) are the frozen inputs' shardings (a large frozen base model stays sharded)."""
   rep = parallel.replicated(mesh)
+  frozen_sh = rep if frozen_sh is None else frozen_sh
 
   def constrain(mb: grpo.Batch) -> grpo.Batch:
     return jax.tree.map(
         lambda a: jax.lax.with_sharding_constraint(a, parallel.batch_sharding(mesh, a.ndim)), mb)
 
-  @functools.partial(jax.jit, in_shardings=(state_sh, data_sh, rep, rep),
+  @functools.partial(jax.jit, in_shardings=(state_sh, data_sh, rep, frozen_sh),
                      out_shardings=(state_sh, rep), donate_argnums=0)
   def update_step(state, data, idx, frozen):
     take = lambda a: a[idx]
@@ -157,13 +159,11 @@ def run(config, workdir: str) -> dict:
   b_sh = lambda ndim: parallel.batch_sharding(mesh, ndim)
 
   # ---------------------------------------------------------------------- Networks
-  source = embedded.flow_dir(config, workdir)
-  tree = checkpoint.load_final(source)
-  vae, text, model = (embedded.load(k, config, source, tree) for k in ("vae", "text", "model"))
-  vae, text = ((n[0],) + jax.device_put(n[1:], rep) for n in (vae, text))
+  nets = embedded.bundle(config)  # embedded world or Wan: the same calls
+  vae, text, model, source = nets.load_networks(config, workdir, mesh)
   model_g, model_p, model_r = model
-  table = embedded.prompt_table(config)
-  text_table = jax.jit(embedded.text_fn(text[0]), out_shardings=rep)(
+  table = nets.prompt_table(config)
+  text_table = jax.jit(nets.text_fn(text[0]), out_shardings=rep)(
       text[1:], table.ids, table.mask)  # the frozen text encoder's output for every prompt
   prm_params, prm_fn, prm_source = None, None, None
   if need_prm:
@@ -171,22 +171,24 @@ def run(config, workdir: str) -> dict:
     prm_g, prm_p, prm_r = embedded.load("prm", config, prm_source)
     prm_params = jax.device_put((prm_p, prm_r), rep)
     prm_fn = embedded.prm_fn(prm_g)
-  frozen = {"text": text_table, "vae": vae[1:], "model_rest": jax.device_put(model_r, rep),
+  rest_sh = jax.tree.map(lambda a: a.sharding if isinstance(a, jax.Array) and len(
+      a.sharding.device_set) == mesh.size else rep, model_r)
+  frozen = {"text": text_table, "vae": vae[1:], "model_rest": jax.device_put(model_r, rest_sh),
             "prm": prm_params}
+  frozen_sh = jax.tree.map(lambda a: a.sharding, frozen)
   null_index = table.null_index
-  decode = embedded.decode_fn(vae[0])
-  shape = tuple(embedded.latent_shape(config))
+  decode = nets.decode_fn(vae[0])
+  shape = tuple(nets.latent_shape(config))
 
   def policy(frozen):
     """The policy's velocity `(params, x, t, cond)`: CFG-combined when grpo.cfg_scale != 1."""
     null = jax.tree.map(lambda a: a[null_index:null_index + 1], frozen["text"])
-    v = embedded.cfg_velocity(embedded.velocity_fn(model_g), gc.cfg_scale, null)
+    v = embedded.cfg_velocity(nets.velocity_fn(model_g), gc.cfg_scale, null)
     return lambda p, x, t, c: v((p, frozen["model_rest"]), x, t, c)
 
   # ------------------------------------------------------------------------- State
   tx = training.optimizer(gc.lr, gc.warmup_steps, gc.weight_decay, gc.grad_clip, gc.b1, gc.b2)
-  p_sh = training.param_shardings(embedded.abstract("model", config), mesh,
-                                  config.sharding.rules)
+  p_sh = nets.model_param_shardings(config, mesh)
   state_sh = {"params": p_sh, "opt": training.opt_shardings(tx, model_p, p_sh, mesh),
               "step": rep, "nonfinite": rep, "rng": rep}
   state = {"params": model_p, "opt": jax.jit(tx.init)(model_p),
@@ -194,7 +196,7 @@ def run(config, workdir: str) -> dict:
            "rng": jax.random.key_data(jax.random.key(config.seed))}
   if hp.kl_coef > 0:
     state_sh["ref"] = p_sh
-    state["ref"] = jax.tree.map(jnp.copy, model_p)  # own buffers: the state is donated
+    state["ref"] = nets.reference_params(config, model_p)  # own buffers: state is donated
   state = training.place(state, state_sh)
 
   # ----------------------------------------------------------------------- Rollout
@@ -207,7 +209,7 @@ def run(config, workdir: str) -> dict:
   if PRM_FINAL in reward_names:
     roll_out_sh[PRM_FINAL] = b_sh(1)
 
-  @functools.partial(jax.jit, in_shardings=(p_sh, rep, rep, b_sh(1)),
+  @functools.partial(jax.jit, in_shardings=(p_sh, frozen_sh, rep, b_sh(1)),
                      out_shardings=roll_out_sh)
   def rollout_program(params, frozen, key, combo):
     """Guided (or not) rollout of the batch, the decoded scored latent, and a finite flag."""
@@ -229,16 +231,21 @@ def run(config, workdir: str) -> dict:
   data_sh.update(adv_outcome=b_sh(2), adv_process=b_sh(2), steps=b_sh(2), combo=b_sh(1))
 
   update_step = make_update_step(policy, tx, arrs, hp, gc.accumulation, mesh, state_sh,
-                                 data_sh, keep_means)
+                                 data_sh, keep_means, frozen_sh)
 
   # ------------------------------------------------------------------- Evaluation
-  gen = generate.Generator(config, vae, text, (model_g, None, model_r), mesh)
+  gen = generate.Generator(config, vae, text, (model_g, None, frozen["model_rest"]), mesh,
+                           nets)
   eval_key = jax.random.fold_in(jax.random.key(config.eval.seed), 777)
+
+  # Scored by the first pixel reward of grpo.rewards (shapes_fidelity when there is none).
+  eval_reward = next((n for n in reward_names if n != PRM_FINAL), "shapes_fidelity")
 
   def evaluate(params, iteration: int) -> dict:
     gen.model = (model_g, params, frozen["model_rest"])
     t0 = time.time()
-    res = gen.evaluate(eval_key, os.path.join(out, "eval"), f"iter_{iteration:05d}")
+    res = gen.evaluate(eval_key, os.path.join(out, "eval"), f"iter_{iteration:05d}",
+                       reward_name=eval_reward)
     return {"eval_reward": res["reward_mean"], "eval_stderr": res["reward_stderr"],
             "eval_seconds": time.time() - t0}
 
@@ -359,11 +366,8 @@ def run(config, workdir: str) -> dict:
                                                        [y for _, y in train])
     report.plot_curves(os.path.join(out, "curves.png"), series, xlabel="iteration",
                        title=f"grpo ({sampler.name})")
-  checkpoint.save_final(os.path.join(out, "final"), {
-      "model": {"params": state["params"], "rest": model_r},
-      "vae": {"params": vae[1], "rest": vae[2]},
-      "text": {"params": text[1], "rest": text[2]},
-  }, summary)
+  nets.save_final(os.path.join(out, "final"), state["params"], model_r, vae, text, summary,
+                  config)
   print(f"[grpo] evaluation reward {first[1]:.4f} +- {first[2]:.4f} -> {last[1]:.4f} +- "
         f"{last[2]:.4f} (gain {last[1] - first[1]:+.4f}) after {gc.iterations} iterations")
   return summary

@@ -49,12 +49,14 @@ def _pairs(state: nnx.State):
   """Yields (diffusers module name without block index, attn|ffn part, our adapter key, our
   base layer name) for every adapter present in ``state``."""
   blocks = state['blocks']
+  present = lambda part: blocks[part]['lora'] if part in blocks and 'lora' in blocks[part] \
+      else {}
   for part in ('attn1', 'attn2'):
     for key, base in _ATTN.items():
-      if key in blocks[part]['lora']:
+      if key in present(part):
         yield f'{part}.{key.replace("to_out_0", "to_out.0")}', part, key, base
   for key, (name, base) in _FFN.items():
-    if key in blocks['ffn']['lora']:
+    if key in present('ffn'):
       yield f'ffn.{name}', 'ffn', key, base
 
 

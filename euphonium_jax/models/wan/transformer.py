@@ -60,6 +60,10 @@ class WanConfig:
   lora_rank: int = 0
   lora_alpha: float = 1.0
   lora_targets: tuple[str, ...] = ('to_q', 'to_k', 'to_v', 'to_out.0')
+  # Mesh axes of the activations' batch dimension, constrained at every block boundary (needs
+  # an ambient mesh, jax.set_mesh); () lets XLA choose. With FSDP-sharded weights, XLA may
+  # otherwise keep activations replicated and gather the batch instead of the weights.
+  batch_axes: tuple[str, ...] = ()
 
   @property
   def inner_dim(self) -> int:
@@ -332,8 +336,14 @@ class WanTransformer(nnx.Module):
 
     lora_scale = self.lora_scale[...]
 
+    pin = lambda a: a
+    if c.batch_axes:
+      pin = lambda a: jax.lax.with_sharding_constraint(
+          a, jax.sharding.PartitionSpec(tuple(c.batch_axes), *([None] * (a.ndim - 1))))
+    h, ctx = pin(h), pin(ctx)
+
     def body(h, block_state):
-      return nnx.merge(graphdef, block_state)(h, ctx, temb6, rope, lora_scale), None
+      return pin(nnx.merge(graphdef, block_state)(h, ctx, temb6, rope, lora_scale)), None
 
     if self.use_remat:
       body = jax.checkpoint(body, policy=self.policy)
@@ -414,17 +424,17 @@ def init_extra(c: WanConfig, mesh=None, logical_rules=(), seed: int = 0) -> nnx.
   return jax.jit(make, out_shardings=shardings)()
 
 
-def load_wan_transformer(folder: str, *, mesh=None, logical_rules=(), dtype=jnp.float32,
-                         seed: int = 0, **ours) -> tuple[nnx.GraphDef, nnx.State, WanConfig]:
+def load_wan_transformer(folder: str, *, mesh=None, logical_rules=(),
+                         param_dtype=jnp.float32, seed: int = 0, **ours) -> tuple[nnx.GraphDef, nnx.State, WanConfig]:
   """A diffusers ``transformer/`` folder -> (graphdef, state placed with its shardings, config).
 
-  ``ours`` sets execution and LoRA options of ``WanConfig``; ``dtype`` is the storage dtype
-  of the published weights. LoRA adapters start fresh from ``seed`` (B = 0: the loaded model's
+  ``ours`` sets execution and LoRA options of ``WanConfig`` (its ``dtype`` is the matmul
+  dtype); ``param_dtype`` is the storage dtype of the published weights. LoRA adapters start fresh from ``seed`` (B = 0: the loaded model's
   output is the published one).
   """
   from euphonium_jax.models.wan import loading
   c = WanConfig.from_reference(loading.read_config(folder), **ours)
   graphdef, abstract_base, _ = nnx.split(abstract(c), BASE, ...)
   base = loading.load_state(abstract_base, loading.open_folder(folder), WAN_RULES,
-                            mesh=mesh, logical_rules=logical_rules, dtype=dtype)
+                            mesh=mesh, logical_rules=logical_rules, dtype=param_dtype)
   return graphdef, nnx.merge_state(base, init_extra(c, mesh, logical_rules, seed)), c
