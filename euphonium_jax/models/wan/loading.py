@@ -51,27 +51,21 @@ class WeightsError(ValueError):
   """Weights that do not fit the model; the message lists every offending key."""
 
 
+# Axis permutation from the reference layout to ours, per layout ('same': none).
+PERMUTATIONS = {'linear': (1, 0), 'conv3d': (2, 3, 4, 1, 0), 'conv2d': (2, 3, 1, 0)}
+
+
 def to_ours(x: np.ndarray, layout: str) -> np.ndarray:
-  if layout in ('conv3d', 'conv2d') and x.ndim != len(PERMUTATIONS[layout]):
-    return x  # wrong rank: left as is, so that ``place`` names it as a shape mismatch
-  if layout == 'linear':
-    return x.T
-  if layout == 'conv3d':
-    return np.transpose(x, (2, 3, 4, 1, 0))
-  if layout == 'conv2d':
-    return np.transpose(x, (2, 3, 1, 0))
-  return x
+  perm = PERMUTATIONS.get(layout)
+  if perm is None or x.ndim != len(perm):
+    return x  # 'same', or a wrong rank left as is so that ``place`` names the mismatch
+  return np.transpose(x, perm)
 
 
 def to_reference(x: np.ndarray, layout: str) -> np.ndarray:
   """Inverse of ``to_ours`` (for exports such as LoRA adapters)."""
-  if layout == 'linear':
-    return x.T
-  if layout == 'conv3d':
-    return np.transpose(x, (4, 3, 0, 1, 2))
-  if layout == 'conv2d':
-    return np.transpose(x, (3, 2, 0, 1))
-  return x
+  perm = PERMUTATIONS.get(layout)
+  return x if perm is None else np.transpose(x, np.argsort(perm))
 
 
 # ----------------------------------------------------------------------------- Reading
@@ -154,9 +148,6 @@ def open_folder(folder: str) -> TensorReader:
 
 
 # -------------------------------------------------------------------------- Conversion
-
-
-PERMUTATIONS = {'linear': (1, 0), 'conv3d': (2, 3, 4, 1, 0), 'conv2d': (2, 3, 1, 0)}
 
 
 def _matcher(rules: Sequence[Rule], ignore: Sequence[str]):
