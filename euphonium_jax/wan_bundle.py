@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import functools
 import os
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -59,12 +58,18 @@ def _root(config) -> str:
   return resolve_path(config.wan.path)
 
 
-def transformer_config(config) -> wt.WanConfig:
+def _transformer_options(config) -> dict:
+  """WanConfig's execution and LoRA options from config.wan."""
   w = config.wan
+  return dict(dtype=w.dtype, remat=w.remat, attention_impl=w.attention_impl,
+              lora_rank=w.lora_rank, lora_alpha=float(w.lora_alpha),
+              lora_targets=tuple(w.lora_targets))
+
+
+def transformer_config(config) -> wt.WanConfig:
   return wt.WanConfig.from_reference(
-      loading.read_config(os.path.join(_root(config), "transformer")), dtype=w.dtype,
-      remat=w.remat, attention_impl=w.attention_impl, lora_rank=w.lora_rank,
-      lora_alpha=float(w.lora_alpha), lora_targets=tuple(w.lora_targets))
+      loading.read_config(os.path.join(_root(config), "transformer")),
+      **_transformer_options(config))
 
 
 def vae_config(config) -> vae_lib.WanVAEConfig:
@@ -94,9 +99,7 @@ def load_networks(config, workdir: str, mesh):
   dtype = jnp.dtype(w.param_dtype)
   g, s, _ = wt.load_wan_transformer(
       os.path.join(root, "transformer"), mesh=mesh, logical_rules=rules, param_dtype=dtype,
-      seed=config.seed, **{k: v for k, v in transformer_config(config).__dict__.items()
-                           if k in ("dtype", "remat", "attention_impl", "lora_rank",
-                                    "lora_alpha", "lora_targets")})
+      seed=config.seed, **_transformer_options(config))
   model = _split(nnx.merge(g, s), _trainable(config))
   vg, vs, _ = vae_lib.load_wan_vae(os.path.join(root, "vae"), mesh=mesh, logical_rules=rules,
                                    dtype=dtype)

@@ -1,10 +1,8 @@
 """The real-model path end to end: a tiny random Wan2.1 diffusers folder (written by diffusers
 and transformers) through the grpo stage with LoRA, and its adapters loaded back in diffusers."""
-import json
 import os
 
 import diffusers
-import jax
 import numpy as np
 import pytest
 import torch

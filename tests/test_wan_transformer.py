@@ -1,6 +1,5 @@
 """Wan transformer: parity with diffusers' WanTransformer3DModel (tiny random model saved with
 save_pretrained, loaded by our loader), weight-table errors, and the real 1.3B shape check."""
-import json
 import os
 
 import diffusers
