@@ -3,13 +3,15 @@
 Every expected value here is computed by a numpy loop written in this file from the DESIGN.md
 formulas (never by the module's own helpers):
 
-1. group advantages: unbiased std, 1e-8, clipping, constant groups;
+1. group advantages: unbiased std, 1e-8, clipping, constant groups; Flow-GRPO's population
+   std + 1e-4;
 2. process advantages per (group, step) and the process-reward sources pre / post / delta;
 3. the modes none / only / both select the right advantage terms;
 4. the ratio is 1 at the rollout parameters (unguided and guided log-prob means), the clipped
    objective after a step matches a naive evaluation, and the accumulated gradient of the
    update is the gradient of `make_loss`;
-5. `select_steps`;
+5. `select_steps` (random subsets; Flow-GRPO's first K in order) and the networks' time
+   t_model (Wan's truncated timesteps) in the update;
 6. the exact Gaussian kernel KL;
 7. the distillation oracle: minimising D alone makes the unguided sampler of the learned
    velocity reproduce the guided (exactly tilted) law of the Gaussian flow.
@@ -37,9 +39,9 @@ DIM = 3
 # ---------------------------------------------------------------------------- naive helpers
 
 
-def naive_normalise(values, group_size, clip):
-  """`[B, ...]` -> clip((v - mean) / (std_ddof1 + 1e-8)) per group and trailing index; 0 for a
-  group whose values are all equal. A float64 loop."""
+def naive_normalise(values, group_size, clip, ddof=1, eps=1e-8):
+  """`[B, ...]` -> clip((v - mean) / (std + eps)) per group and trailing index (std with
+  `ddof`); 0 for a group whose values are all equal. A float64 loop."""
   v = np.asarray(values, np.float64)
   out = np.zeros_like(v)
   flat_v = v.reshape(v.shape[0], -1)
@@ -50,9 +52,9 @@ def naive_normalise(values, group_size, clip):
       if np.all(grp == grp[0]):
         continue
       mean = sum(grp) / len(grp)
-      std = math.sqrt(sum((x - mean) ** 2 for x in grp) / (len(grp) - 1))
+      std = math.sqrt(sum((x - mean) ** 2 for x in grp) / (len(grp) - ddof))
       for j, x in enumerate(grp):
-        flat_o[start + j, c] = min(max((x - mean) / (std + 1e-8), -clip), clip)
+        flat_o[start + j, c] = min(max((x - mean) / (std + eps), -clip), clip)
   return out
 
 
@@ -188,6 +190,33 @@ def test_outcome_advantages_match_naive_group_normalisation():
   # Group of 2 at +-1 with ddof = 1: std sqrt(2), z = +-1 / sqrt(2) (not +-1 as ddof = 0).
   z = np.asarray(grpo.normalise(jnp.array([1.0, -1.0]), 2, 5.0))
   np.testing.assert_allclose(z, np.array([1, -1]) / (math.sqrt(2) + 1e-8), rtol=1e-6)
+
+
+def test_population_std_and_eps_match_naive():
+  """Flow-GRPO's normalisation (population std, + 1e-4): outcome and process advantages
+  against the naive loop; a group of 2 at +-1 gets +-1 / (1 + 1e-4), not +-1 / sqrt(2)."""
+  rng = np.random.default_rng(5)
+  rew = (rng.normal(size=(2, 16)) * np.array([[3.0], [1e-3]]) + np.array([[1.0], [0.0]]))
+  rew = rew.astype(np.float32)
+  rew[0, 4:8] = np.float32(0.3)
+  kw = dict(adv_std="population", adv_eps=1e-4)
+  adv = np.asarray(grpo.outcome_advantages(jnp.asarray(rew), GROUP, 5.0, **kw))
+  want = naive_normalise(rew.T, GROUP, 5.0, ddof=0, eps=1e-4).T
+  np.testing.assert_allclose(adv, want, atol=2e-5)
+  assert np.all(adv[0, 4:8] == 0.0)
+  # eps matters at std ~1e-3: 1e-4 shrinks those z-scores by std / (std + 1e-4), 10-20 %.
+  plain = np.asarray(grpo.outcome_advantages(jnp.asarray(rew), GROUP, 5.0, "population"))
+  std = np.repeat(rew[1].astype(np.float64).reshape(-1, GROUP).std(axis=1), GROUP)
+  np.testing.assert_allclose(adv[1] / plain[1], std / (std + 1e-4), rtol=1e-4)
+  assert np.all(std / (std + 1e-4) < 0.92)
+  pr = rng.normal(size=(BATCH, 5)).astype(np.float32)
+  np.testing.assert_allclose(np.asarray(grpo.process_advantages(jnp.asarray(pr), GROUP, 5.0,
+                                                                **kw)),
+                             naive_normalise(pr, GROUP, 5.0, ddof=0, eps=1e-4), atol=2e-5)
+  z = np.asarray(grpo.normalise(jnp.array([1.0, -1.0]), 2, 5.0, **kw))
+  np.testing.assert_allclose(z, np.array([1, -1]) / (1 + 1e-4), rtol=1e-6)
+  with pytest.raises(ValueError, match=r"grpo.adv_std = 'pop' is not allowed: .*sample"):
+    grpo.normalise(jnp.array([1.0, -1.0]), 2, 5.0, adv_std="pop")
 
 
 # ------------------------------------------------------------------ 2. process advantages
@@ -368,6 +397,74 @@ def test_select_steps(n):
           > min(math.comb(n - 1, steps.shape[1]), b) // 2)
   # Over many samples every trainable step appears.
   assert set(steps.ravel().tolist()) == set(range(n - 1))
+
+
+def test_select_steps_first_is_flow_grpo_order():
+  """`first`: steps 0 .. K - 1 in order for every sample; Flow-GRPO's Wan recipe (20 steps,
+  `int(20 * 0.99)` = 19 trained) is timestep_fraction = 1.0 here (K counts the N - 1
+  trainable transitions): steps 0 .. 18."""
+  steps = np.asarray(grpo.select_steps(jax.random.key(0), 4, 8, 0.6, "first"))
+  np.testing.assert_array_equal(steps, np.tile(np.arange(4), (4, 1)))
+  assert steps.dtype == np.int32
+  flow_grpo = np.asarray(grpo.select_steps(jax.random.key(0), 8, 20, 1.0, selection="first"))
+  np.testing.assert_array_equal(flow_grpo, np.tile(np.arange(int(20 * 0.99)), (8, 1)))
+  with pytest.raises(ValueError, match=r"grpo.step_selection = 'last' is not allowed"):
+    grpo.select_steps(jax.random.key(0), 4, 8, 0.6, "last")
+
+
+def test_update_evaluates_networks_at_t_model():
+  """With `timesteps='truncated'` the rollout and the update both evaluate the velocity at
+  floor(1000 t) / 1000: the ratio is 1 at the rollout parameters; an update that evaluated it
+  at t instead would see ratios away from 1 (the field depends on t)."""
+  def t_velocity(p, x, t, c):
+    return p["w"] * x + p["b"] + jnp.sin(3000.0 * t)[:, None]   # O(1) change over 1e-3
+
+  cfg = sampling.preset("flow_grpo", num_steps=N_STEPS, group_size=GROUP,
+                        timesteps="truncated")
+  arrs = sampling.grid_arrays(cfg)
+  assert np.all(arrs.t_model <= arrs.t[:-1]) and np.any(arrs.t_model < arrs.t[:-1])
+  r = jax.jit(sampling.make_rollout(t_velocity, None, cfg), static_argnames="latent_shape")(
+      PARAMS, None, jax.random.key(5), None, (BATCH, DIM))
+  steps = grpo.select_steps(None, BATCH, N_STEPS, 0.3, "first")   # steps 0 (t = 1), 1
+  batch = grpo.Batch(r.latents, r.logprobs, jnp.ones((BATCH, 1)), jnp.zeros((BATCH, N_STEPS)),
+                     steps, None)
+  hp = grpo.Hyper(mode="none", kl_coef=0.1)
+  _, met = jax.jit(grpo.make_loss(t_velocity, arrs, hp))(PARAMS, PARAMS, batch)
+  assert abs(float(met["ratio_mean"]) - 1.0) < 1e-6 and float(met["approx_kl"]) < 1e-10
+  assert float(met["kl"]) == 0.0
+  wrong = arrs._replace(t_model=arrs.t[:-1])
+  _, met = jax.jit(grpo.make_loss(t_velocity, wrong, hp))(PARAMS, PARAMS, batch)
+  # Step 0 (t = 1 = t_model) is unaffected; step 1 (t = 0.9722, t_model = 0.972) is clipped.
+  assert float(met["approx_kl"]) > 1e-6 and float(met["clip_fraction"]) == 0.5
+
+
+def test_config_keys_of_the_flow_grpo_recipe():
+  """`grpo.step_selection`, `grpo.adv_std`, `grpo.adv_eps` and `sampling.timesteps` are
+  validated with key, value and what is allowed; defaults keep DESIGN.md's behaviour."""
+  from euphonium_jax import config as config_lib
+
+  def base():
+    c = config_lib.get_default_config()
+    c.stages = ("vae", "pretrain", "grpo")
+    return config_lib.as_baseline(c, "flow_grpo")
+
+  c = base()
+  assert (c.grpo.step_selection, c.grpo.adv_std, c.grpo.adv_eps) == ("random", "sample", 1e-8)
+  c.grpo.step_selection, c.grpo.adv_std, c.grpo.adv_eps = "first", "population", 1e-4
+  c.sampling.timesteps = "truncated"
+  config_lib.validate(c, num_devices=8)
+  for key, value, needle in (
+      ("step_selection", "last", "allowed values are 'random', 'first'"),
+      ("adv_std", "pop", "allowed values are 'sample', 'population'"),
+      ("adv_eps", 0.0, "must be > 0")):
+    c = base()
+    c.grpo[key] = value
+    with pytest.raises(config_lib.ConfigError, match=f"config.grpo.{key} = {value!r}.*{needle}"):
+      config_lib.validate(c, num_devices=8)
+  c = base()
+  c.sampling.timesteps = "int"
+  with pytest.raises(config_lib.ConfigError, match="sampling.timesteps = 'int'.*continuous"):
+    config_lib.validate(c, num_devices=8)
 
 
 # ------------------------------------------------------------------------- 6. kernel KL

@@ -3,6 +3,7 @@
 The Gaussian oracle (exact target laws) is in test_sampling_oracle.py.
 """
 import math
+import re
 
 import chex
 import jax
@@ -66,6 +67,41 @@ def test_schedules_values():
   np.testing.assert_allclose(g("memoryless")[1:], np.sqrt(2 * tk[1:] / (1 - tk[1:])))
   np.testing.assert_allclose(g("flow_grpo_wan"), t[1] * tk)
   assert np.all(np.isfinite(g("memoryless")))
+
+
+GUARD_GRIDS = {
+    "shifted_16_5": sampling.shifted_grid(16, 5.0),      # t_0 = 1 exactly
+    "shifted_16_1": sampling.shifted_grid(16, 1.0),
+    "unipc_20_3": sampling.unipc_flow_grid(20, 3.0),     # Wan's: t_0 = 1 - 1e-6
+    "unipc_6_3": sampling.unipc_flow_grid(6, 3.0),
+}
+
+
+@pytest.mark.parametrize("grid", GUARD_GRIDS)
+def test_t1_guard_gives_exact_first_coefficient(grid):
+  """g_0 of every schedule, written out: the guard puts t_1 in the denominator whenever
+  1 - t_0 < T1_GUARD (t_0 = 1, and diffusers' UniPC 1 - 1e-6, where the plain formula gives
+  g_0 ~ 700 a); the later steps are the plain formula."""
+  t = GUARD_GRIDS[grid]
+  t0, t1 = t[0], t[1]
+  assert 1 - t0 < sampling.T1_GUARD and 1 - t1 > 10 * sampling.T1_GUARD
+  want = {"ode": 0.0, "constant": 0.7, "flow_grpo": 0.7 * math.sqrt(t0 / (1 - t1)),
+          "memoryless": math.sqrt(2 * t0 / (1 - t1)), "flow_grpo_wan": t1 * t0}
+  for sched, g0 in want.items():
+    g = sampling.diffusion_coefficients(t, sched, 0.7)
+    assert g[0] == pytest.approx(g0, rel=1e-14, abs=0), (sched, g[0], g0)
+    tk = t[1:-1]
+    rest = {"ode": 0 * tk, "constant": 0 * tk + 0.7, "flow_grpo": 0.7 * np.sqrt(tk / (1 - tk)),
+            "memoryless": np.sqrt(2 * tk / (1 - tk)), "flow_grpo_wan": t1 * tk}[sched]
+    np.testing.assert_allclose(g[1:], rest, rtol=1e-14, atol=0)
+  # What the bug gave on the UniPC grid: a * sqrt(t_0 / (1 - t_0)) ~ 700 a.
+  if grid.startswith("unipc"):
+    assert 0.7 * math.sqrt(t0 / (1 - t0)) > 600
+    assert sampling.diffusion_coefficients(t, "flow_grpo", 0.7)[0] < 6
+  # A grid starting just outside the threshold is not guarded.
+  far = np.array([1 - 2 * sampling.T1_GUARD, 0.5, 0.0])
+  np.testing.assert_allclose(sampling.diffusion_coefficients(far, "flow_grpo", 0.7)[0],
+                             0.7 * math.sqrt(far[0] / (1 - far[0])), rtol=1e-14)
 
 
 def test_guidance_strengths():
@@ -304,6 +340,101 @@ def test_one_trace_for_repeated_rollouts(guided_rollout):
     jax.block_until_ready(guided_rollout(params, prm_params, jax.random.key(seed), cond, SHAPE))
 
 
+def _loops_and_callbacks(text):
+  """(trip counts of the step loops, trip counts of the RNG's loops, host transfers) of a
+  compiled HLO module: XLA:CPU lowers threefry's rounds as small while loops of their own."""
+  steps, rng, host = [], [], []
+  for line in text.splitlines():
+    if re.search(r"\bwhile\(", line):
+      trip = re.search(r'known_trip_count":\{"n":"(\d+)"', line)
+      trip = int(trip.group(1)) if trip else None
+      rng_op = re.search(r'op_name="[^"]*(threefry|_uniform|_normal)', line)
+      (rng if rng_op else steps).append(trip)
+    host += re.findall(r'custom_call_target="[^"]*callback[^"]*"', line)
+    host += re.findall(r"\b(?:send|recv|infeed|outfeed)\(", line)
+  return steps, rng, host
+
+
+def test_rollout_is_one_program_without_host_callbacks():
+  """The compiled guided rollout: exactly one while loop over the N steps (the RNG's own
+  rounds aside), no host callback; with the noise given (replay) the step loop is the only
+  loop. A `jax.debug.callback` in the step makes the check fail."""
+  params, prm_params, cond = make_params(jax.random.key(20))
+  cfg = _guided_cfg()
+  n = cfg.num_steps
+
+  def compiled(velocity, *extra):
+    roll = _jit(sampling.make_rollout(velocity, mlp_prm, cfg))
+    lowered = roll.lower(params, prm_params, jax.random.key(0), cond, SHAPE, *extra)
+    return lowered.as_text(), lowered.compile().as_text()
+
+  lowered, text = compiled(mlp_velocity)
+  steps, rng, host = _loops_and_callbacks(text)
+  assert steps == [n] and not host and "callback" not in lowered, (steps, host)
+  assert rng and all(trip is not None and trip < n for trip in rng), rng
+  replay = (jnp.zeros(SHAPE), jnp.zeros((SHAPE[0], n) + SHAPE[1:]))
+  steps, rng, host = _loops_and_callbacks(compiled(mlp_velocity, *replay)[1])
+  assert steps == [n] and not rng and not host, (steps, rng, host)
+
+  def leaky_velocity(p, x, t, c):
+    jax.debug.callback(lambda tt: None, t)
+    return mlp_velocity(p, x, t, c)
+
+  lowered, text = compiled(leaky_velocity, *replay)
+  assert _loops_and_callbacks(text)[2] and "callback" in lowered
+
+
+def test_noise_input_replays_and_networks_see_t_model(guided_rollout):
+  """`x_init` + `noise` replay the keyed rollout exactly; with `timesteps='truncated'` the
+  velocity and the PRM are evaluated at floor(1000 t) / 1000 and the step at t (a Python
+  loop written out), which changes the trajectory."""
+  params, prm_params, cond = make_params(jax.random.key(21))
+  cfg = _guided_cfg()
+  n = cfg.num_steps
+  key = jax.random.key(22)
+  ro = guided_rollout(params, prm_params, key, cond, SHAPE)
+  k_init, k_steps = jax.random.split(key)
+  x_init = sampling.initial_noise(k_init, SHAPE, cfg)
+  noise = jnp.stack([sampling.standard_normal(jax.random.fold_in(k_steps, i), SHAPE)
+                     for i in range(n)], axis=1)
+  rollout = _jit(sampling.make_rollout(mlp_velocity, mlp_prm, cfg))
+  replay = rollout(params, prm_params, jax.random.key(99), cond, SHAPE, x_init, noise)
+  np.testing.assert_allclose(replay.latents, ro.latents, rtol=0, atol=1e-6)  # float32 fusion
+  np.testing.assert_allclose(replay.logprobs, ro.logprobs, rtol=0, atol=1e-5)
+
+  trunc = _guided_cfg(timesteps="truncated")
+  arrs = sampling.grid_arrays(trunc)
+  k = np.round(arrs.t_model.astype(np.float64) * 1000)   # integer timesteps (diffusers' check
+  np.testing.assert_array_equal(arrs.t_model, (k / 1000).astype(np.float32))  # is in
+  gap = arrs.t[:-1].astype(np.float64) - k / 1000          # test_wan_rollout_parity.py)
+  assert np.all((gap > -1e-7) & (gap < 1e-3)) and np.sum(gap > 1e-5) >= 4, gap
+  np.testing.assert_array_equal(sampling.grid_arrays(cfg).t_model, arrs.t[:-1])   # continuous
+  out = _jit(sampling.make_rollout(mlp_velocity, mlp_prm, trunc))(
+      params, prm_params, key, cond, SHAPE, x_init, noise)
+
+  @jax.jit
+  def python_loop(x):
+    xs, rs = [x], []
+    for i in range(n):
+      tm = jnp.full((SHAPE[0],), arrs.t_model[i])
+      v = mlp_velocity(params, x, tm, cond)
+      grad = None
+      if arrs.guided[i]:
+        grad = jax.grad(lambda y: mlp_prm(prm_params, y, tm, cond).sum())(x)
+      rs.append(mlp_prm(prm_params, x, tm, cond) if arrs.guided[i] else jnp.zeros(SHAPE[0]))
+      x = sampling.sde_step(x, v, arrs.t[i], arrs.t[i + 1], arrs.g[i], noise[:, i], grad,
+                            arrs.guide_coef[i]).sample
+      xs.append(x)
+    return jnp.stack(xs, 1), jnp.stack(rs, 1)
+
+  xs, rs = python_loop(x_init)
+  np.testing.assert_allclose(out.latents, xs, rtol=0, atol=2e-6)
+  np.testing.assert_allclose(out.process_rewards, rs, rtol=0, atol=2e-6)
+  assert float(jnp.max(jnp.abs(out.latents - replay.latents))) > 1e-4   # ~3e-4: t moves < 1e-3
+  with pytest.raises(ValueError, match=r"noise has shape \(4, 5, 2, 3, 3, 2\)"):
+    rollout(params, prm_params, key, cond, SHAPE, x_init, noise[:, :5])
+
+
 def test_noise_sharded_groups_distinct_and_sharding_invariant():
   """16 samples over 8 devices, groups of 4: initial noise shared within a group only,
   step noise never shared, and the result equals the unsharded rollout."""
@@ -345,6 +476,7 @@ def test_noise_sharded_groups_distinct_and_sharding_invariant():
     (dict(schedule="flow_grpo"), "sampling.guidance.mode", "'beta'"),
     (dict(grid=(1.0, 0.5, 0.0), num_steps=16), "sampling.grid", "(1.0, 0.5, 0.0)"),
     (dict(grid=(1.0, 0.2, 0.5, 0.0)), "sampling.grid", "(1.0, 0.2, 0.5, 0.0)"),
+    (dict(timesteps="integer"), "sampling.timesteps", "'integer'"),
 ])
 def test_bad_inputs_name_key_value_and_allowed(overrides, key, value):
   with pytest.raises(ValueError) as e:

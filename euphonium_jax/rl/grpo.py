@@ -10,13 +10,16 @@ that the `grpo` stage jits with its shardings (and a test re-implements naively)
 Per trained transition (sample j, step k):
 
   ratio     = exp(log pi_theta(x_{k+1} | x_k) - log pi_old(x_{k+1} | x_k))
-  A^o_{j,i} = clip((r_{i,j} - mean_group) / (std_group + 1e-8), +-adv_clip)   per outcome term i
-  A^p_{j,k} = clip((R_{j,k} - mean_group,k) / (std_group,k + 1e-8), +-adv_clip)
+  A^o_{j,i} = clip((r_{i,j} - mean_group) / (std_group + adv_eps), +-adv_clip)   per term i
+  A^p_{j,k} = clip((R_{j,k} - mean_group,k) / (std_group,k + adv_eps), +-adv_clip)
   L_clip(A) = mean max(-A ratio, -A clip(ratio, 1 - eps, 1 + eps))
   L         = c_o sum_i w_i L_clip(A^o_i) + c_p L_clip(A^p) + c_kl KL_k + c_d D_k
 
-Standard deviations are unbiased (ddof = 1). A group whose rewards are all equal gets
-advantage 0 exactly (its deviations are only rounding error, which 1e-8 would blow up).
+Standard deviations are unbiased (`adv_std = 'sample'`, ddof = 1) and `adv_eps = 1e-8` by
+default (DESIGN.md); Flow-GRPO uses the population std (ddof = 0) + 1e-4. A group whose
+rewards are all equal gets advantage 0 exactly (its deviations are only rounding error, which
+a small eps would blow up). The networks of step k are evaluated at `arrs.t_model[k]` (t_k, or
+Wan's truncated integer timestep), the kernel at t_k.
 """
 
 from __future__ import annotations
@@ -31,38 +34,50 @@ from euphonium_jax import sampling
 
 ADVANTAGE_MODES = ("none", "only", "both")  # which of the process advantage enters
 PROCESS_SOURCES = ("pre", "post", "delta")
+ADV_STDS = ("sample", "population")  # the group std: ddof 1 (DESIGN.md) | ddof 0 (Flow-GRPO)
+STEP_SELECTIONS = ("random", "first")  # trained transitions: a random subset | the first K
 ZERO_STD = 1e-6  # a group std at or below this (relative to the reward scale) counts as zero
 
 
 # ------------------------------------------------------------------------------ Advantages
 
 
-def group_stats(values: jax.Array, group_size: int):
-  """Per-group mean and unbiased std of `values` `[B, ...]` (consecutive groups of G).
+def _ddof(adv_std: str) -> int:
+  if adv_std not in ADV_STDS:
+    raise ValueError(f"grpo.adv_std = {adv_std!r} is not allowed: choose one of "
+                     + ", ".join(ADV_STDS))
+  return 1 if adv_std == "sample" else 0
+
+
+def group_stats(values: jax.Array, group_size: int, adv_std: str = "sample"):
+  """Per-group mean and std of `values` `[B, ...]` (consecutive groups of G); the std is the
+  unbiased one (`adv_std = 'sample'`, ddof 1) or the population one (ddof 0).
 
   Returns (mean, std) broadcast back to `[B, ...]`.
   """
   b = values.shape[0]
   v = values.astype(jnp.float32).reshape((b // group_size, group_size) + values.shape[1:])
   mean = jnp.mean(v, axis=1, keepdims=True)
-  std = jnp.std(v, axis=1, keepdims=True, ddof=1)
+  std = jnp.std(v, axis=1, keepdims=True, ddof=_ddof(adv_std))
   back = lambda a: jnp.broadcast_to(a, v.shape).reshape(values.shape)
   return back(mean), back(std)
 
 
-def normalise(values: jax.Array, group_size: int, clip: float) -> jax.Array:
-  """`clip((v - mean_group) / (std_group + 1e-8), -clip, clip)` along axis 0 (`[B, ...]`);
+def normalise(values: jax.Array, group_size: int, clip: float, adv_std: str = "sample",
+              adv_eps: float = 1e-8) -> jax.Array:
+  """`clip((v - mean_group) / (std_group + adv_eps), -clip, clip)` along axis 0 (`[B, ...]`);
   0 in groups whose values are all equal."""
-  mean, std = group_stats(values, group_size)
+  mean, std = group_stats(values, group_size, adv_std)
   scale = 1.0 + jnp.abs(mean)
-  adv = (values.astype(jnp.float32) - mean) / (std + 1e-8)
+  adv = (values.astype(jnp.float32) - mean) / (std + adv_eps)
   adv = jnp.where(std > ZERO_STD * scale, adv, 0.0)
   return jnp.clip(adv, -clip, clip)
 
 
-def outcome_advantages(rewards: jax.Array, group_size: int, clip: float) -> jax.Array:
+def outcome_advantages(rewards: jax.Array, group_size: int, clip: float,
+                       adv_std: str = "sample", adv_eps: float = 1e-8) -> jax.Array:
   """`[T, B]` outcome rewards (one row per named term) -> `[T, B]` advantages."""
-  return jax.vmap(lambda r: normalise(r, group_size, clip))(rewards)
+  return jax.vmap(lambda r: normalise(r, group_size, clip, adv_std, adv_eps))(rewards)
 
 
 def process_values(process_rewards: jax.Array, source: str) -> jax.Array:
@@ -86,9 +101,10 @@ def process_values(process_rewards: jax.Array, source: str) -> jax.Array:
 
 
 def process_advantages(process_rewards: jax.Array, group_size: int, clip: float,
-                       source: str = "pre") -> jax.Array:
+                       source: str = "pre", adv_std: str = "sample",
+                       adv_eps: float = 1e-8) -> jax.Array:
   """`[B, N]` per-step process advantages, normalised per group and step."""
-  return normalise(process_values(process_rewards, source), group_size, clip)
+  return normalise(process_values(process_rewards, source), group_size, clip, adv_std, adv_eps)
 
 
 def group_report(rewards: jax.Array, group_size: int) -> dict[str, jax.Array]:
@@ -141,10 +157,17 @@ def num_trained_steps(num_steps: int, fraction: float) -> int:
   return max(1, int(fraction * (num_steps - 1) + 1e-9))
 
 
-def select_steps(key: jax.Array, batch: int, num_steps: int, fraction: float) -> jax.Array:
-  """`[B, K]` int32: for each sample, the first K entries of its own random permutation of
-  the trainable steps 0 .. N - 2."""
+def select_steps(key: jax.Array, batch: int, num_steps: int, fraction: float,
+                 selection: str = "random") -> jax.Array:
+  """`[B, K]` int32 trained transitions per sample, from the trainable steps 0 .. N - 2:
+  `random`: the first K entries of the sample's own random permutation (DESIGN.md);
+  `first`: 0 .. K - 1 in order for every sample (Flow-GRPO's; `key` unused)."""
   k = num_trained_steps(num_steps, fraction)
+  if selection == "first":
+    return jnp.broadcast_to(jnp.arange(k, dtype=jnp.int32), (batch, k))
+  if selection != "random":
+    raise ValueError(f"grpo.step_selection = {selection!r} is not allowed: choose one of "
+                     + ", ".join(STEP_SELECTIONS))
   keys = jax.random.split(key, batch)
   perm = jax.vmap(lambda kk: jax.random.permutation(kk, num_steps - 1))(keys)
   return perm[:, :k].astype(jnp.int32)
@@ -195,10 +218,11 @@ def transition_loss(params, ref_params, batch: Batch, col: int | jax.Array, velo
   s = batch.steps[:, col]  # [M] step index per sample
   t_all, g_all = jnp.asarray(arrs.t), jnp.asarray(arrs.g)
   t, t_next, g = t_all[s], t_all[s + 1], g_all[s]
+  t_net = jnp.asarray(arrs.t_model)[s]  # the networks' time (t unless truncated)
   guided = jnp.asarray(arrs.guided)[s].astype(jnp.float32)
   x_k = _take(batch.latents, s).astype(jnp.float32)
   x_next = _take(batch.latents, s + 1).astype(jnp.float32)
-  v = velocity_fn(params, x_k, t, batch.cond).astype(jnp.float32)
+  v = velocity_fn(params, x_k, t_net, batch.cond).astype(jnp.float32)
   shift = None
   if hp.logprob_mean == "guided":
     shift = _take(batch.guidance, s)
@@ -216,7 +240,7 @@ def transition_loss(params, ref_params, batch: Batch, col: int | jax.Array, velo
     policy = policy + hp.process_coef * clipped_loss(ratio, adv_p, hp.clip_range)
   kl = zero
   if hp.kl_coef > 0:
-    v_ref = jax.lax.stop_gradient(velocity_fn(ref_params, x_k, t, batch.cond))
+    v_ref = jax.lax.stop_gradient(velocity_fn(ref_params, x_k, t_net, batch.cond))
     kl = jnp.mean(kernel_kl(v, v_ref, t, t_next, g))
   dist = zero
   if hp.distill_coef > 0:

@@ -2,13 +2,14 @@
 
 Pure and network-agnostic: the velocity field and the PRM are functions passed in.
 """
-from euphonium_jax.sampling.config import (GUIDANCE_MODES, PRESETS, SCHEDULES, GuidanceConfig,
-                                           SamplerConfig, default_sampling_config, preset,
-                                           sampler_config_from)
+from euphonium_jax.sampling.config import (GUIDANCE_MODES, PRESETS, SCHEDULES, TIMESTEPS,
+                                           GuidanceConfig, SamplerConfig,
+                                           default_sampling_config, preset, sampler_config_from)
 from euphonium_jax.sampling.rollout import (Rollout, initial_noise, local_key, make_rollout,
                                             normalize_grad, standard_normal)
-from euphonium_jax.sampling.schedules import (GridArrays, diffusion_coefficients, grid_arrays,
-                                              guidance_coefficients, guidance_mask, shift_times,
-                                              shifted_grid, time_grid)
+from euphonium_jax.sampling.schedules import (T1_GUARD, GridArrays, diffusion_coefficients,
+                                              grid_arrays, guidance_coefficients, guidance_mask,
+                                              model_times, shift_times, shifted_grid, time_grid,
+                                              unipc_flow_grid)
 from euphonium_jax.sampling.step import (StepOut, logprob, sde_step, step_logprob, step_mean,
                                          step_std, x0_hat)

@@ -11,6 +11,10 @@ parameterisation is active is `guidance.mode`:
           eta = 0.25, beta = 3.125; only for the `constant` schedule, where g = eta).
   theory  mean += (1 / beta) * g^2 * dt * grad R     (exact tilt p(x0) exp(r(x0) / beta) when
           the schedule is `memoryless`; a partial tilt under any other schedule).
+
+`timesteps` is the time the networks (velocity and PRM) see: `continuous` (t itself) or
+`truncated` (Wan's convention, diffusers' UniPC scheduler: the integer timestep
+floor(1000 t), as t = floor(1000 t) / 1000); the SDE step always uses t.
 """
 from __future__ import annotations
 
@@ -24,6 +28,7 @@ from ml_collections import config_dict
 SCHEDULES = ("ode", "constant", "flow_grpo", "flow_grpo_wan", "memoryless")
 GUIDANCE_MODES = ("off", "raw", "beta", "theory")
 LOGPROB_MEANS = ("unguided", "guided")
+TIMESTEPS = ("continuous", "truncated")  # the networks' time: t, or floor(1000 t) / 1000
 PRESETS = ("euphonium", "dance_grpo", "flow_grpo", "flow_grpo_wan", "ode")
 
 
@@ -53,6 +58,7 @@ class SamplerConfig:
   score_unguided_steps: bool = False
   share_noise_in_group: bool = False
   group_size: int = 1
+  timesteps: str = "continuous"
 
   def __post_init__(self):
     validate(self)
@@ -84,6 +90,9 @@ def validate(cfg: SamplerConfig) -> None:
     raise _err("logprob_mean", cfg.logprob_mean, "choose one of " + ", ".join(LOGPROB_MEANS))
   if not isinstance(cfg.group_size, numbers.Integral) or cfg.group_size < 1:
     raise _err("group_size", cfg.group_size, "an integer >= 1")
+  if cfg.timesteps not in TIMESTEPS:
+    raise _err("timesteps", cfg.timesteps, "choose one of " + ", ".join(TIMESTEPS)
+               + " (the networks see t, or Wan's integer timestep floor(1000 t) / 1000)")
   gd = cfg.guidance
   if gd.mode not in GUIDANCE_MODES:
     raise _err("guidance.mode", gd.mode, "choose one of " + ", ".join(GUIDANCE_MODES))
@@ -117,7 +126,7 @@ def _preset_values(name: str) -> dict:
               guidance=dict(mode="off", scale=None, beta=None, start=0, end=None, interval=1,
                             normalize=False),
               logprob_mean="unguided", score_unguided_steps=False,
-              share_noise_in_group=False, group_size=8)
+              share_noise_in_group=False, group_size=8, timesteps="continuous")
   if name == "euphonium":    # the authors' reference: eta 0.25, 0.01 * dt * grad from step 12
     base.update(share_noise_in_group=True)
     base["guidance"].update(mode="beta", beta=3.125, start=12)
@@ -175,7 +184,7 @@ def default_sampling_config() -> ml_collections.ConfigDict:
       guidance=dict(mode=ph(str), scale=ph(float), beta=ph(float), start=ph(int), end=ph(int),
                     interval=ph(int), normalize=ph(bool)),
       logprob_mean=ph(str), score_unguided_steps=ph(bool),
-      share_noise_in_group=ph(bool), group_size=ph(int)))
+      share_noise_in_group=ph(bool), group_size=ph(int), timesteps=ph(str)))
 
 
 def sampler_config_from(cfg: ml_collections.ConfigDict) -> SamplerConfig:

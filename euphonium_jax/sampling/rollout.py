@@ -2,12 +2,16 @@
 
 `make_rollout(velocity_fn, prm_fn, cfg)` returns a pure function
 
-  rollout(params, prm_params, key, cond, latent_shape, x_init=None) -> Rollout
+  rollout(params, prm_params, key, cond, latent_shape, x_init=None, noise=None) -> Rollout
 
 to be jitted with `latent_shape` static: `jax.jit(rollout, static_argnames='latent_shape')`.
 The whole guided rollout is one compiled program (no host round trips between steps).
 
-`x_init` `[B, ...]` replaces the initial noise when given (e.g. to reuse a stored one).
+`x_init` `[B, ...]` replaces the initial noise when given (e.g. to reuse a stored one), and
+`noise` `[B, N, ...]` the per-step standard normals (step i draws `noise[:, i]`): together
+they replay another implementation's trajectory exactly. The networks of step i are evaluated
+at `t_model_i` (`GridArrays.t_model`: t_i, or Wan's truncated integer timestep); the SDE step,
+its log-prob and `x0_hat` use t_i.
 
 Randomness. `key` is split into an initial-noise key and a step key; step i draws its
 noise from `fold_in(step_key, i)`. Noise is drawn for the whole (global) batch from one
@@ -118,12 +122,15 @@ def make_rollout(velocity_fn: VelocityFn, prm_fn: Optional[PrmFn], cfg: SamplerC
   def constrain(x):
     return x if batch_sharding is None else jax.lax.with_sharding_constraint(x, batch_sharding)
 
-  def rollout(params, prm_params, key, cond, latent_shape, x_init=None) -> Rollout:
+  def rollout(params, prm_params, key, cond, latent_shape, x_init=None, noise=None) -> Rollout:
     latent_shape = tuple(latent_shape)
     b = latent_shape[0]
     k_init, k_steps = jax.random.split(key)
     x = initial_noise(k_init, latent_shape, cfg) if x_init is None else x_init
     x = constrain(x.astype(jnp.float32))
+    if noise is not None and tuple(noise.shape) != (b, n) + latent_shape[1:]:
+      raise ValueError(f"noise has shape {tuple(noise.shape)}; make_rollout needs [B, N, ...] = "
+                       f"{(b, n) + latent_shape[1:]} (sampling.num_steps = {n})")
 
     def prm_plain(x, t_b):
       return jnp.zeros_like(x), jnp.zeros((b,), jnp.float32)
@@ -142,23 +149,29 @@ def make_rollout(velocity_fn: VelocityFn, prm_fn: Optional[PrmFn], cfg: SamplerC
 
     def body(carry, inp):
       x, _ = carry
-      i, t, t_next, g, coef, br = inp
-      t_b = jnp.full((b,), t, jnp.float32)
+      i, t, t_next, g, coef, br, t_net, step_noise = inp
+      t_b = jnp.full((b,), t_net, jnp.float32)  # the networks' time (t unless truncated)
       v = velocity_fn(params, x, t_b, cond)
       if use_prm:
         branches = [prm_plain, prm_value] + ([prm_value_and_grad] if use_grad else [])
         grad, r = jax.lax.switch(br, branches, x, t_b)
       else:
         grad, r = None, jnp.zeros((b,), jnp.float32)
-      noise = standard_normal(jax.random.fold_in(k_steps, i), latent_shape)
-      out = sde_step(x, v, t, t_next, g, noise, guidance_grad=grad if use_grad else None,
+      if step_noise is None:
+        step_noise = standard_normal(jax.random.fold_in(k_steps, i), latent_shape)
+      else:
+        step_noise = constrain(step_noise)
+      out = sde_step(x, v, t, t_next, g, step_noise,
+                     guidance_grad=grad if use_grad else None,
                      guidance_coef=coef, logprob_mean=cfg.logprob_mean)
       x_new = constrain(out.sample)
       kept = (out.mean_guided, out.mean_guided - out.mean) if keep_means else ()
       return (x_new, _x0_hat(x, v, t)), (x_new, out.logprob, r, kept)
 
+    steps_noise = None if noise is None else jnp.moveaxis(noise.astype(jnp.float32), 1, 0)
     xs = (jnp.arange(n, dtype=jnp.int32), jnp.asarray(arrs.t[:-1]), jnp.asarray(arrs.t[1:]),
-          jnp.asarray(arrs.g), jnp.asarray(arrs.guide_coef), jnp.asarray(branch))
+          jnp.asarray(arrs.g), jnp.asarray(arrs.guide_coef), jnp.asarray(branch),
+          jnp.asarray(arrs.t_model), steps_noise)
     (_, x0), (samples, lps, rs, kept) = jax.lax.scan(body, (x, jnp.zeros_like(x)), xs)
     latents = jnp.concatenate([x[None], samples], axis=0)
     kept = tuple(jnp.moveaxis(a, 0, 1) for a in kept) if keep_means else (None, None)
