@@ -268,10 +268,13 @@ class Block(nnx.Module):
     return x + self.ffn(h, lora_scale) * c_gate
 
 
-class WanTransformer(nnx.Module):
-  """``WanTransformer3DModel`` (t2v): x [B,T,H,W,C], t [B], text -> velocity, float32."""
+class WanTrunk(nnx.Module):
+  """What the velocity field and the PRM share: patch embedding, the condition embedder
+  (time embedding of 1000 t, its six-way projection, text projection), 3D RoPE and the
+  stacked blocks. Subclasses call ``_init_trunk``; its parameters carry the same names in
+  every subclass, so a PRM can start from the transformer's first blocks by key."""
 
-  def __init__(self, c: WanConfig, *, rngs: nnx.Rngs):
+  def _init_trunk(self, c: WanConfig, num_layers: int, rngs: nnx.Rngs):
     layers.compute_dtype(c.dtype)
     self.use_remat, self.policy = layers.remat_policy(c.remat)
     bad = [t for t in c.lora_targets if t not in LORA_TARGETS]
@@ -297,20 +300,19 @@ class WanTransformer(nnx.Module):
         linear_1=_dense(c.text_dim, d, (None, 'embed'), rngs, dt),
         linear_2=_dense(d, d, ('embed', 'mlp'), rngs, dt))
 
-    @nnx.split_rngs(splits=c.num_layers)
+    @nnx.split_rngs(splits=num_layers)
     @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: 'layers'})
     def make_blocks(r):
       return Block(c, rngs=r)
 
     self.blocks = make_blocks(rngs)
-    self.proj_out = _dense(d, c.out_channels * pt * ph * pw, ('embed', None), rngs, dt)
-    self.scale_shift_table = nnx.Param(nnx.with_partitioning(
-        lambda k, s: jax.random.normal(k, s) / math.sqrt(d), (None, None, 'embed'))(
-            rngs.params(), (1, 2, d)))
     self.lora_scale = LoRAScale(jnp.asarray(c.lora_alpha / c.lora_rank if c.lora_rank else 0.0,
                                             jnp.float32))
+    return d, dt
 
-  def __call__(self, x: jax.Array, t: jax.Array, text: dict[str, Any]) -> jax.Array:
+  def embed(self, x: jax.Array, t: jax.Array, text: dict[str, Any]):
+    """x [B,T,H,W,C], t [B], text -> (tokens [B,L,D], projected text [B,Lt,D], time
+    embedding [B,D], its six-way projection [B,6,D], rope (cos, sin) [L,hd/2], token grid)."""
     c = self.config
     pt, ph, pw = c.patch_size
     b, tt, hh, ww, ch = x.shape
@@ -331,7 +333,11 @@ class WanTransformer(nnx.Module):
     ctx = tx['linear_2'](jax.nn.gelu(tx['linear_1'](text['tokens'].astype(jnp.float32)),
                                      approximate=True))
     rope = tuple(jnp.asarray(a) for a in rope_tables(grid, c.attention_head_dim))
+    return h, ctx, temb, temb6, rope, grid
 
+  def run_blocks(self, h, ctx, temb6, rope) -> jax.Array:
+    """Tokens [B,L,D] through the stacked blocks (``lax.scan``, remat per config)."""
+    c = self.config
     graphdef, state = nnx.split(self.blocks)
 
     lora_scale = self.lora_scale[...]
@@ -348,7 +354,26 @@ class WanTransformer(nnx.Module):
     if self.use_remat:
       body = jax.checkpoint(body, policy=self.policy)
     h, _ = jax.lax.scan(body, h, state)
+    return h
 
+
+class WanTransformer(WanTrunk):
+  """``WanTransformer3DModel`` (t2v): x [B,T,H,W,C], t [B], text -> velocity, float32."""
+
+  def __init__(self, c: WanConfig, *, rngs: nnx.Rngs):
+    d, dt = self._init_trunk(c, c.num_layers, rngs)
+    pt, ph, pw = c.patch_size
+    self.proj_out = _dense(d, c.out_channels * pt * ph * pw, ('embed', None), rngs, dt)
+    self.scale_shift_table = nnx.Param(nnx.with_partitioning(
+        lambda k, s: jax.random.normal(k, s) / math.sqrt(d), (None, None, 'embed'))(
+            rngs.params(), (1, 2, d)))
+
+  def __call__(self, x: jax.Array, t: jax.Array, text: dict[str, Any]) -> jax.Array:
+    c = self.config
+    pt, ph, pw = c.patch_size
+    b, tt, hh, ww, _ = x.shape
+    h, ctx, temb, temb6, rope, grid = self.embed(x, t, text)
+    h = self.run_blocks(h, ctx, temb6, rope)
     shift, scale = (self.scale_shift_table[...] + temb[:, None]).transpose(1, 0, 2)[:, :, None]
     h = layer_norm(h, c.eps) * (1 + scale) + shift
     out = self.proj_out(h).astype(jnp.float32)
