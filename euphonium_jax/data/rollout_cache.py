@@ -13,8 +13,10 @@ generation resumes, and asking for more chunks reuses the ones already made.
 
 Never silently stale: a chunk whose fingerprint differs (made by another base model, reward
 or config) is regenerated, and so is a chunk that cannot be read (truncated, corrupt, or
-missing arrays); each case is reported on stdout with the file and the reason. Writes are
-atomic (a temporary file, then `os.replace`), so an interruption never leaves a half file.
+missing arrays); each case is reported on stdout with the file and the reason. Writes of
+chunks and of the manifest are atomic (a temporary file, then `os.replace`), so an
+interruption never leaves a half file. Each chunk carries its own fingerprint, so the chunks
+alone decide what is reused: a lost or unreadable `cache.json` is rebuilt from them.
 """
 
 from __future__ import annotations
@@ -106,19 +108,22 @@ def load_or_make(directory: str, fp: str, num_chunks: int,
   write: False on processes that must not write (the chunks are still made in memory).
   """
   manifest = os.path.join(directory, MANIFEST)
-  old = _read_manifest(manifest)
-  if old is not None and old.get("fingerprint") != fp:
-    print(f"[cache] {directory} was made by a different base model, reward or config "
-          f"(fingerprint {old.get('fingerprint')} != {fp}): regenerating")
-    if write:
-      for path in glob.glob(os.path.join(directory, "chunk_*.npz")):
-        os.remove(path)
+  old, why = _read_manifest(manifest)
+  if old is None or old.get("fingerprint") != fp:
+    if why:
+      print(f"[cache] {manifest} is {why}: rebuilding it from the chunks' own fingerprints")
+    stale = {path: found for path, found in _chunk_fingerprints(directory).items()
+             if found is not None and found != fp}
+    if stale:
+      print(f"[cache] {len(stale)} chunk(s) in {directory} were made by a different base "
+            f"model, reward or config (fingerprint {sorted(set(stale.values()))} != {fp}): "
+            "regenerating" + (", removing the old ones" if write else ""))
+      if write:
+        for path in stale:
+          os.remove(path)
   if write:
-    os.makedirs(directory, exist_ok=True)
-    with open(manifest, "w") as f:
-      json.dump({"fingerprint": fp, "num_chunks": num_chunks, "keys": list(keys),
-                 "ingredients": dict(ingredients or {})}, f, indent=1, sort_keys=True,
-                default=str)
+    _write_json(manifest, {"fingerprint": fp, "num_chunks": num_chunks, "keys": list(keys),
+                           "ingredients": dict(ingredients or {})})
   chunks: list[dict | None] = []
   todo = []
   for i in range(num_chunks):
@@ -142,11 +147,41 @@ def load_or_make(directory: str, fp: str, num_chunks: int,
   return {k: np.concatenate([c[k] for c in chunks], axis=0) for k in keys}
 
 
-def _read_manifest(path: str) -> dict | None:
+def _read_manifest(path: str) -> tuple[dict | None, str]:
+  """(manifest, "") if readable; (None, "") if absent; (None, why) if unreadable."""
   if not os.path.exists(path):
-    return None
+    return None, ""
   try:
     with open(path) as f:
-      return json.load(f)
-  except (OSError, ValueError):
-    return {"fingerprint": None}
+      manifest = json.load(f)
+  except (OSError, ValueError) as e:
+    return None, f"unreadable ({type(e).__name__}: {e})"
+  if not isinstance(manifest, dict):
+    return None, "not a JSON object"
+  return manifest, ""
+
+
+def _chunk_fingerprints(directory: str) -> dict[str, str | None]:
+  """{chunk path: the fingerprint stored in it, or None if it cannot be read}."""
+  out = {}
+  for path in sorted(glob.glob(os.path.join(directory, "chunk_*.npz"))):
+    if path.endswith(".tmp.npz"):
+      continue
+    try:
+      with np.load(path, allow_pickle=False) as f:
+        out[path] = str(f[_FINGERPRINT_KEY]) if _FINGERPRINT_KEY in f.files else None
+    except (zipfile.BadZipFile, EOFError, ValueError, OSError, KeyError):
+      out[path] = None
+  return out
+
+
+def _write_json(path: str, value: Mapping[str, Any]) -> None:
+  """Writes `value` as JSON atomically: a temporary file in the same directory, then
+  `os.replace`, so a reader sees the old file or the new one, never a torn one."""
+  os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+  tmp = f"{path}.tmp.{os.getpid()}"
+  with open(tmp, "w") as f:
+    json.dump(value, f, indent=1, sort_keys=True, default=str)
+    f.flush()
+    os.fsync(f.fileno())
+  os.replace(tmp, path)

@@ -6,6 +6,7 @@ return ``pooled=None``).
 """
 from __future__ import annotations
 
+import os
 from typing import Sequence
 
 import jax
@@ -28,6 +29,9 @@ def build_tokenizer(words: Sequence[str], max_length: int = 8):
     A ``transformers.PreTrainedTokenizerFast`` with ``model_max_length=max_length``.
   """
   from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+  # Without torch, importing transformers prints "PyTorch was not found..." (an advisory
+  # warning: it only tokenizes here, the models are JAX).
+  os.environ.setdefault('TRANSFORMERS_NO_ADVISORY_WARNINGS', '1')
   from transformers import PreTrainedTokenizerFast
 
   vocab = {PAD: 0, UNK: 1, CLS: 2}

@@ -27,6 +27,9 @@ MAX_LENGTH = 512  # Wan2.1's max_sequence_length
 
 def load_tokenizer(folder: str):
   """The tokenizer saved in a local folder (``AutoTokenizer``; never downloads)."""
+  # Without torch, importing transformers prints "PyTorch was not found..." (an advisory
+  # warning: it only tokenizes here, the models are JAX).
+  os.environ.setdefault('TRANSFORMERS_NO_ADVISORY_WARNINGS', '1')
   from transformers import AutoTokenizer
   return AutoTokenizer.from_pretrained(folder, local_files_only=True)
 
