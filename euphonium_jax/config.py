@@ -15,14 +15,18 @@ message that names the key, the value and what is allowed.
 
 from __future__ import annotations
 
+import math
+import numbers
 import os
 from typing import Any, Callable, Sequence
 
 import ml_collections
 
+from euphonium_jax.paths import REPO_ROOT, resolve_path  # noqa: F401 (re-exported)
+
 STAGES = ("vae", "pretrain", "prm", "grpo", "evaluate", "sample")
-IMPLEMENTED_STAGES = ("vae", "pretrain", "prm", "grpo", "sample")
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+IMPLEMENTED_STAGES = ("vae", "pretrain", "prm", "grpo", "evaluate", "sample")
+WAN_STAGES = ("prm", "grpo", "evaluate")  # the stages a Wan run has (no VAE or pretraining)
 
 
 # Network sizes derived from the world and the other networks (see embedded.network_configs).
@@ -42,15 +46,18 @@ def _error(key: str, value: Any, allowed: str) -> ConfigError:
 
 def from_file(path: str, relative_to: str | None = None) -> ml_collections.ConfigDict:
   """`get_config()` of the config file `path` (relative to the directory of the file
-  `relative_to` when given): lets one config file start from another."""
+  `relative_to` when given): lets one config file start from another. `x.py:arg` calls
+  `get_config('arg')`, as `--config x.py:arg` does."""
   import importlib.util
+  path, _, arg = path.partition(".py:")
+  path = path if path.endswith(".py") else path + ".py"
   if relative_to is not None:
     path = os.path.join(os.path.dirname(os.path.abspath(relative_to)), path)
   spec = importlib.util.spec_from_file_location(
       "euphonium_config_" + os.path.splitext(os.path.basename(path))[0], path)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
-  return module.get_config()
+  return module.get_config(arg) if arg else module.get_config()
 
 
 def as_baseline(config: ml_collections.ConfigDict, preset: str) -> ml_collections.ConfigDict:
@@ -152,6 +159,21 @@ def get_default_config() -> ml_collections.ConfigDict:
       num_per_prompt=1,
   ))
 
+  # The prompt set every stage draws from (euphonium_jax/data/prompts.py): 'world' (the
+  # embedded world's captions) or a .txt / .jsonl file or a folder with train / test files.
+  c.data = ml_collections.ConfigDict(dict(
+      prompts="world",
+      test_fraction=0.1,  # held out by seed when the prompt set has no test file
+      negative_prompt="",  # CFG's negative prompt unless a .jsonl line has 'negative_prompt'
+      cache_dir="",  # text-embedding cache (Wan); empty = WORKDIR/prompt_cache
+  ))
+  # The `evaluate` stage: a model on the prompt set's test split (eval.* sizes and sampler).
+  c.evaluate = ml_collections.ConfigDict(dict(
+      model="",  # '' = this workdir's grpo/final if finished, else the base; 'base'; or a path
+      # to a finished grpo/final (or a workdir holding one)
+      rewards=(),  # pixel rewards to report; () = grpo.rewards' (or shapes_fidelity)
+      sampler="ode",  # a sampling preset: ode (eval.num_steps, eval.shift) or an SDE one
+  ))
   c.sampling = sampling_config.default_sampling_config()
   c.prm = _default_prm_config()
   c.grpo = _default_grpo_config()
@@ -183,17 +205,22 @@ def _default_grpo_config() -> ml_collections.ConfigDict:
       process_coef=1.0,
       process_source="pre",  # pre | post | delta: which PRM score a transition gets
       adv_clip=5.0,
+      adv_std="sample",  # advantages' group std: sample (ddof 1) | population (Flow-GRPO's)
+      adv_eps=1e-8,  # added to the group std (Flow-GRPO: 1e-4)
       clip_range=1e-4,  # the ratio's clip: [1 - clip_range, 1 + clip_range]
       kl_coef=0.0,  # exact kernel KL to the frozen initial velocity (0 = off, no copy kept)
       distill_coef=0.0,  # explicit distillation D_k (0 = implicit only, the reference);
       # needs kl_coef > 0 (alone, on-policy, it drifts: see config validation)
       timestep_fraction=0.6,  # trained share of the N - 1 trainable transitions per sample
+      step_selection="random",  # random (own subset per sample) | first (steps 0 .. K - 1 in
+      # order, Flow-GRPO's); the last transition N - 1 is never trained
       samples_per_update=16,  # samples per optimiser step (global)
       accumulation=1,  # micro-batches per optimiser step
       inner_epochs=1,  # passes over each iteration's rollouts
       cfg_scale=1.0,  # classifier-free guidance of the policy (rollout and update); 1 = off
       score="x0_hat",  # x0_hat (the last step's clean estimate, the reference) | sample
       lr=1e-6, b1=0.9, b2=0.999, weight_decay=1e-4, grad_clip=1.0, warmup_steps=0,
+      ema_decay=0.0,  # EMA of the policy for evaluations and the final model (0 = off)
       max_nonfinite=3,  # consecutive skipped (non-finite) updates before the run stops
       eval_every=10,  # iterations between ODE evaluations on config.eval (0 = start/end only)
       log_every=1,
@@ -202,7 +229,7 @@ def _default_grpo_config() -> ml_collections.ConfigDict:
 
 
 def _default_wan_config() -> ml_collections.ConfigDict:
-  """`model_family = 'wan'`: a Wan2.1 text-to-video diffusers folder (see wan_bundle.py)."""
+  """`model_family = 'wan'`: a Wan2.1 text-to-video diffusers folder (see bundles/wan.py)."""
   return ml_collections.ConfigDict(dict(
       path="",  # folder with transformer/, vae/, text_encoder/, tokenizer/
       frames=33, height=240, width=416,  # the video size trained on (frames = 1 + 4k)
@@ -222,16 +249,16 @@ def _check_wan(config) -> None:
   _one_of(config, "model_family", ("embedded", "wan"))
   if config.model_family != "wan":
     return
-  from euphonium_jax import wan_bundle
+  from euphonium_jax.bundles import wan as wan_bundle
   from euphonium_jax.models.wan import transformer as wt
   w = config.wan
   if not w.path:
     raise _error("wan.path", w.path, "a Wan2.1 diffusers folder (transformer/, vae/, "
                  "text_encoder/, tokenizer/) is required with model_family='wan'")
-  bad = [s for s in config.stages if s != "grpo"]
+  bad = [s for s in config.stages if s not in WAN_STAGES]
   if bad:
-    raise _error("stages", tuple(config.stages), "with model_family='wan' only ('grpo',) runs "
-                 "(vae, pretrain, prm and sample are stages of the embedded world)")
+    raise _error("stages", tuple(config.stages), f"with model_family='wan' the stages are "
+                 f"{WAN_STAGES} (vae, pretrain and sample are stages of the embedded world)")
   try:
     wan_bundle.check_folder(w.path)
   except ValueError as e:
@@ -256,18 +283,43 @@ def _check_wan(config) -> None:
   if w.lora_dropout != 0.0:
     raise _error("wan.lora_dropout", w.lora_dropout, "only 0.0: the update's log-probs must be "
                  "those of the network that drew the rollout")
-  from euphonium_jax import sampling
-  g = config.grpo
+  n_layers = wan_bundle.transformer_config(config).num_layers
+  if "prm" in tuple(config.stages) and not 1 <= config.prm.depth <= n_layers:
+    raise _error("prm.depth", config.prm.depth, f"must be in [1, {n_layers}] with "
+                 f"model_family='wan' (the PRM trunk is the transformer's first blocks)")
+  if config.prm.lora_rank < 0:
+    raise _error("prm.lora_rank", config.prm.lora_rank, "must be >= 0 (0 = train the whole PRM)")
+
+
+def _needs_caption_dropout(config) -> bool:
+  """CFG on an embedded model needs one trained with caption dropout (Wan's is CFG-trained)."""
+  return config.pretrain.caption_dropout == 0 and config.model_family == "embedded"
+
+
+def _check_data(config) -> None:
+  """The prompt set loads, and every reward can read its prompts."""
+  from euphonium_jax.data import prompts as prompts_lib
+  from euphonium_jax.rewards import registry
+  d = config.data
   try:
-    arrs = sampling.grid_arrays(sampling.sampler_config_from(config.sampling))
-  except ValueError as e:
-    raise ConfigError(str(e)) from None
-  if arrs.scored.any() or g.advantage_mode != "none" or any(
-      n == "prm_final" for n, _ in g.rewards):
-    raise ConfigError(
-        "model_family='wan' has no process reward model yet (the PRM stage trains on the "
-        "embedded world's latents): use a sampling preset without guidance (dance_grpo, "
-        "flow_grpo, flow_grpo_wan), grpo.advantage_mode='none' and pixel rewards only")
+    ps = prompts_lib.load(d.prompts if d.prompts == prompts_lib.WORLD else resolve_path(
+        d.prompts), seed=config.seed, test_fraction=d.test_fraction)
+  except prompts_lib.PromptError as e:
+    raise ConfigError(f"config.data.prompts = {d.prompts!r}: {e}") from None
+  if ps.is_world:
+    return
+  stages = tuple(config.stages)
+  names = [n for n, _ in config.grpo.rewards] if "grpo" in stages else []
+  if "prm" in stages:
+    names.append(config.prm.reward)
+  if "evaluate" in stages:
+    names += list(config.evaluate.rewards)
+  for name in names:
+    if registry.needs_world_prompts(name):
+      raise ConfigError(
+          f"the reward {name!r} reads the embedded world's captions (colour, shape, motion), "
+          f"but config.data.prompts = {d.prompts!r} is another prompt set: choose a reward that "
+          f"scores any video (e.g. jpeg_compressibility) or data.prompts='world'")
 
 
 def _default_prm_config() -> ml_collections.ConfigDict:
@@ -278,6 +330,8 @@ def _default_prm_config() -> ml_collections.ConfigDict:
       # attention pool, an MLP head. width / heads 0 = the velocity model's (required with
       # init_from_base, which copies the base model's patch/time embeddings and K blocks).
       depth=2, width=0, heads=0, num_queries=4, head_width=128, init_from_base=True,
+      # Wan only: LoRA adapters on the trunk (0 = train the whole PRM); the head is trained.
+      lora_rank=0, lora_alpha=1.0,
       sigmoid_output=False,  # the PRM function returns sigmoid(logit) instead of the logit
       reward="shapes_fidelity",  # the outcome reward that labels the rollouts
       # Rollout data: unguided SDE rollouts of the base model on training prompts, every
@@ -324,6 +378,17 @@ _FREE_TYPES = {
 }
 
 
+def _is_number(value) -> bool:
+  return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def _all_finite(value) -> bool:
+  """False if `value`, or any number nested in it (tuples, lists), is inf or nan."""
+  if isinstance(value, (tuple, list)):
+    return all(_all_finite(v) for v in value)
+  return not _is_number(value) or math.isfinite(value)
+
+
 def _type_name(t) -> str:
   return t.__name__ if isinstance(t, type) else "/".join(x.__name__ for x in t)
 
@@ -342,6 +407,8 @@ def _check_schema(config, reference, prefix: str = "") -> None:
         raise _error(path, value, "expected a group of settings (ConfigDict)")
       _check_schema(ml_collections.ConfigDict(value), default, path + ".")
       continue
+    if not _all_finite(value):
+      raise _error(path, value, "every number must be finite (inf and nan never run)")
     if path in _FREE_TYPES:
       if value is not None and not isinstance(value, _FREE_TYPES[path]):
         raise _error(path, value, f"expected None or {_type_name(_FREE_TYPES[path])}")
@@ -367,16 +434,30 @@ def _get(config, key: str):
   return node
 
 
+# Every numeric check requires a finite number: `inf > 0` and `nan` pass comparisons alone.
+
+
+def _finite(value) -> bool:
+  return _is_number(value) and math.isfinite(value)
+
+
 def _positive(config, keys: Sequence[str]) -> None:
   for key in keys:
     value = _get(config, key)
-    if not value > 0:
-      raise _error(key, value, "must be > 0")
+    if not (_finite(value) and value > 0):
+      raise _error(key, value, "must be > 0 (and finite)")
+
+
+def _non_negative(config, keys: Sequence[str]) -> None:
+  for key in keys:
+    value = _get(config, key)
+    if not (_finite(value) and value >= 0):
+      raise _error(key, value, "must be >= 0 (and finite)")
 
 
 def _in_range(config, key: str, lo: float, hi: float, inclusive_hi: bool = True) -> None:
   value = _get(config, key)
-  ok = lo <= value <= hi if inclusive_hi else lo <= value < hi
+  ok = _finite(value) and (lo <= value <= hi if inclusive_hi else lo <= value < hi)
   if not ok:
     raise _error(key, value, f"must be in [{lo}, {hi}{']' if inclusive_hi else ')'}")
 
@@ -385,13 +466,6 @@ def _one_of(config, key: str, allowed: Sequence[Any]) -> None:
   value = _get(config, key)
   if value not in allowed:
     raise _error(key, value, f"allowed values are {', '.join(map(repr, allowed))}")
-
-
-def resolve_path(path: str) -> str:
-  """An absolute path, a path relative to the working directory, or to the repository."""
-  if os.path.isabs(path) or os.path.exists(path):
-    return os.path.abspath(path)
-  return os.path.join(REPO_ROOT, path)
 
 
 def _check_stages(config) -> None:
@@ -419,8 +493,8 @@ def _check_init_paths(config) -> None:
     raise _error("init.vae", config.init.vae,
                  "the pretrain stage needs a VAE: run the 'vae' stage first or give its "
                  "checkpoint path (e.g. 'assets/embedded')")
-  for stage in ("sample", "prm", "grpo"):
-    if stage == "grpo" and config.get("model_family") == "wan":
+  for stage in ("sample", "prm", "grpo", "evaluate"):
+    if config.get("model_family") == "wan":
       continue  # the flow model is config.wan.path's transformer
     if stage in stages and "pretrain" not in stages and not config.init.pretrain:
       raise _error("init.pretrain", config.init.pretrain,
@@ -448,6 +522,28 @@ def _check_mesh(config, num_devices: int) -> None:
         rule[1] if isinstance(rule[1], (tuple, list)) else (rule[1],)) <= set(axes)):
       raise _error("sharding.rules", rule,
                    f"each rule is (logical_name, mesh axis in {axes} or None)")
+
+
+def _check_batches(config, num_devices: int) -> None:
+  """Every stage's batches split over the data-parallel axes: checked before the first stage
+  runs, not when the stage that needs them starts (the grpo sizes: _check_grpo)."""
+  shape = tuple(config.mesh.shape)
+  dp = _data_parallel_size(config, num_devices)
+  stages = tuple(config.stages)
+  batches = []
+  if "vae" in stages:
+    batches.append(("vae_train.batch_size", config.vae_train.batch_size, "per step"))
+  if "pretrain" in stages:
+    batches.append(("pretrain.batch_size", config.pretrain.batch_size, "per step"))
+  if "prm" in stages:
+    d = config.prm.data
+    batches += [("prm.batch_size", config.prm.batch_size, "per step"),
+                ("prm.data.chunk_prompts", d.chunk_prompts * d.group_size,
+                 f"rollouts per chunk (x prm.data.group_size={d.group_size})")]
+  for key, n, what in batches:
+    if _is_number(n) and n > 0 and n % dp:
+      raise _error(key, _get(config, key), f"gives {n} {what}, which must be divisible by "
+                   f"the data-parallel size {dp} (mesh {shape} on {num_devices} devices)")
 
 
 def _check_world_and_nets(config) -> None:
@@ -500,9 +596,11 @@ def _check_training(config) -> None:
   for section in ("vae_train", "pretrain"):
     _positive(config, [f"{section}.steps", f"{section}.batch_size", f"{section}.lr",
                        f"{section}.log_every", f"{section}.ckpt_every"])
-    for key in ("warmup_steps", "weight_decay", "grad_clip"):
-      if _get(config, f"{section}.{key}") < 0:
-        raise _error(f"{section}.{key}", _get(config, f"{section}.{key}"), "must be >= 0")
+    _non_negative(config, [f"{section}.{k}" for k in ("warmup_steps", "weight_decay",
+                                                      "grad_clip")])
+  # Adam's moment decays: b = 1 never forgets the first gradient (and b2 = 1 divides by 0).
+  for key in ("grpo.b1", "grpo.b2"):
+    _in_range(config, key, 0.0, 1.0, inclusive_hi=False)
   if config.pretrain.dataset_size < 0:
     raise _error("pretrain.dataset_size", config.pretrain.dataset_size,
                  "must be >= 0 (0 = render and encode fresh clips every step)")
@@ -515,7 +613,7 @@ def _check_training(config) -> None:
   _one_of(config, "eval.split", ("train", "heldout", "all"))
   if config.eval.cfg_scale < 0:
     raise _error("eval.cfg_scale", config.eval.cfg_scale, "must be >= 0 (1 = off)")
-  if config.eval.cfg_scale != 1.0 and config.pretrain.caption_dropout == 0:
+  if config.eval.cfg_scale != 1.0 and _needs_caption_dropout(config):
     raise _error("eval.cfg_scale", config.eval.cfg_scale,
                  "classifier-free guidance needs a model trained with "
                  "config.pretrain.caption_dropout > 0")
@@ -530,15 +628,14 @@ def _check_prm(config) -> None:
                      "prm.lr", "prm.log_every", "prm.ckpt_every", "prm.data.num_prompts",
                      "prm.data.group_size", "prm.data.chunk_prompts", "prm.data.num_steps",
                      "prm.data.shift", "prm.report.num_prompts", "prm.report.ode_steps"])
-  for key in ("depth", "width", "heads", "warmup_steps", "weight_decay", "grad_clip",
-              "report.guidance_step"):
-    if _get(config, f"prm.{key}") < 0:
-      raise _error(f"prm.{key}", _get(config, f"prm.{key}"), "must be >= 0")
+  _non_negative(config, [f"prm.{k}" for k in ("depth", "width", "heads", "warmup_steps",
+                                               "weight_decay", "grad_clip",
+                                               "report.guidance_step")])
   width = p.width or config.model.width
   heads = p.heads or config.model.heads
   if width % heads:
     raise _error("prm.heads", p.heads, f"must divide the PRM width {width} (0 = model.heads)")
-  if p.init_from_base:
+  if p.init_from_base and config.model_family == "embedded":
     for key, ours, base in (("width", width, config.model.width),
                             ("heads", heads, config.model.heads)):
       if ours != base:
@@ -569,7 +666,7 @@ def _check_prm(config) -> None:
     raise _error("prm.data.eta", p.data.eta, "must be >= 0 (None = the preset's)")
   if p.data.cfg_scale < 0:
     raise _error("prm.data.cfg_scale", p.data.cfg_scale, "must be >= 0 (1 = off)")
-  if p.data.cfg_scale != 1.0 and config.pretrain.caption_dropout == 0:
+  if p.data.cfg_scale != 1.0 and _needs_caption_dropout(config):
     raise _error("prm.data.cfg_scale", p.data.cfg_scale, "classifier-free guidance needs a "
                  "model trained with config.pretrain.caption_dropout > 0")
   edges = tuple(p.report.time_buckets)
@@ -606,8 +703,14 @@ def _check_grpo(config, num_devices: int | None = None) -> None:
               "grad_clip", "warmup_steps", "eval_every"):
     if _get(config, f"grpo.{key}") < 0:
       raise _error(f"grpo.{key}", _get(config, f"grpo.{key}"), "must be >= 0")
+  _in_range(config, "grpo.ema_decay", 0.0, 1.0, inclusive_hi=False)
   _one_of(config, "grpo.advantage_mode", grpo.ADVANTAGE_MODES)
   _one_of(config, "grpo.process_source", grpo.PROCESS_SOURCES)
+  _one_of(config, "grpo.adv_std", grpo.ADV_STDS)
+  _one_of(config, "grpo.step_selection", grpo.STEP_SELECTIONS)
+  if not g.adv_eps > 0:
+    raise _error("grpo.adv_eps", g.adv_eps, "must be > 0 (added to the group std of the "
+                 "advantages; 1e-8 by default, Flow-GRPO uses 1e-4)")
   _one_of(config, "grpo.split", ("train", "heldout", "all"))
   _one_of(config, "grpo.score", ("x0_hat", "sample"))
   _in_range(config, "grpo.timestep_fraction", 0.0, 1.0)
@@ -627,7 +730,7 @@ def _check_grpo(config, num_devices: int | None = None) -> None:
     raise _error("grpo.clip_range", g.clip_range, "must be in (0, 1)")
   if g.cfg_scale < 0:
     raise _error("grpo.cfg_scale", g.cfg_scale, "must be >= 0 (1 = off)")
-  if g.cfg_scale != 1.0 and config.pretrain.caption_dropout == 0:
+  if g.cfg_scale != 1.0 and _needs_caption_dropout(config):
     raise _error("grpo.cfg_scale", g.cfg_scale, "classifier-free guidance needs a model "
                  "trained with config.pretrain.caption_dropout > 0")
   try:
@@ -690,11 +793,13 @@ def validate(config, num_devices: int | None = None) -> None:
   _check_schema(config, get_default_config())
   _check_stages(config)
   _check_wan(config)
+  _check_data(config)
   _check_world_and_nets(config)
   _check_training(config)
   _check_mesh(config, jax.device_count() if num_devices is None else num_devices)
   _check_init_paths(config)
   _check_prm(config)
+  _check_batches(config, jax.device_count() if num_devices is None else num_devices)
   if "grpo" in tuple(config.stages):
     _check_grpo(config, jax.device_count() if num_devices is None else num_devices)
   try:

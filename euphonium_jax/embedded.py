@@ -1,15 +1,12 @@
-"""The embedded world's model bundle: build, load and call its VAE, text encoder and flow model.
+"""The embedded world's networks: build, load and call its VAE, text encoder, flow model and PRM.
 
-Every stage that touches the embedded world goes through here, so that "which networks, from
-which checkpoint, with which prompts" has one answer. Networks are built without eager
+Every stage that touches the embedded world's networks goes through here, so that "which
+networks, from which checkpoint" has one answer; `bundles/embedded.py` presents them through
+the `ModelBundle` protocol the grpo, prm and evaluate stages use. Networks are built without eager
 sharding (their parameters carry logical axis names; `parallel.state_shardings` maps them).
 """
 
 from __future__ import annotations
-
-import dataclasses
-import os
-from typing import Callable
 
 import jax
 import ml_collections
@@ -18,13 +15,15 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from euphonium_jax import checkpoint
+from euphonium_jax import checkpoint, paths, training
+from euphonium_jax.bundles import common
+from euphonium_jax.data import prompt_table as prompt_table_lib
 from euphonium_jax.data import world
 from euphonium_jax.models import api as models_api
 from euphonium_jax.models import prm as models_prm
 from euphonium_jax.models import text as text_lib
 
-NULL_PROMPT = ""  # the unconditional caption (classifier-free guidance, caption dropout)
+NULL_PROMPT = prompt_table_lib.NULL_PROMPT
 
 
 def network_configs(config) -> ml_collections.ConfigDict:
@@ -79,57 +78,20 @@ def split_params(module: nnx.Module):
 # ------------------------------------------------------------------------------- Prompts
 
 
-@dataclasses.dataclass(frozen=True)
-class PromptTable:
-  """Token ids of every caption of the world, indexed by combo, plus the null caption.
-
-  Lets a jitted step turn attribute triples into text inputs without leaving the device.
-  """
-  ids: np.ndarray  # int32 [num_combos + 1, L]; the last row is the null caption
-  mask: np.ndarray  # bool [num_combos + 1, L]
-
-  @property
-  def null_index(self) -> int:
-    return self.ids.shape[0] - 1
-
-
-def combo_index(attrs: jax.Array) -> jax.Array:
-  """[n, 3] (colour, shape, direction) -> [n] index into `PromptTable` rows."""
-  ns, nd = len(world.SHAPES), len(world.DIRECTIONS)
-  return attrs[..., 0] * (ns * nd) + attrs[..., 1] * nd + attrs[..., 2]
-
-
 def tokenizer(config):
   return text_lib.build_tokenizer(world.vocabulary(), max_length=config.text.max_length)
-
-
-def all_captions() -> list[str]:
-  """Every caption of the world, in `combo_index` order."""
-  everything = [(c, s, d) for c in range(len(world.COLOURS)) for s in range(len(world.SHAPES))
-                for d in range(len(world.DIRECTIONS))]
-  return world.captions(np.asarray(everything, np.int32))
-
-
-def prompt_table(config) -> PromptTable:
-  caps = all_captions() + [NULL_PROMPT]
-  ids, mask = text_lib.tokenize(tokenizer(config), caps, config.text.max_length)
-  return PromptTable(ids=ids, mask=mask)
 
 
 def tokenize(config, prompts) -> tuple[np.ndarray, np.ndarray]:
   return text_lib.tokenize(tokenizer(config), list(prompts), config.text.max_length)
 
 
+def prompt_table(config) -> prompt_table_lib.PromptTable:
+  """Every caption of the world and the null caption, tokenised (the pretrain stage's)."""
+  return prompt_table_lib.build(lambda prompts: tokenize(config, prompts))
+
+
 # ------------------------------------------------------------------------------ Loading
-
-
-def bundle(config):
-  """The model bundle of `config.model_family`: this module, or `wan_bundle` (same calls)."""
-  if config.get("model_family", "embedded") == "wan":
-    from euphonium_jax import wan_bundle
-    return wan_bundle
-  import sys
-  return sys.modules[__name__]
 
 
 def load_networks(config, workdir: str, mesh):
@@ -144,7 +106,6 @@ def load_networks(config, workdir: str, mesh):
 
 
 def model_param_shardings(config, mesh):
-  from euphonium_jax import training
   return training.param_shardings(abstract("model", config), mesh, config.sharding.rules)
 
 
@@ -175,12 +136,7 @@ def prm_dir(config, workdir: str) -> str:
 
 def checkpoint_dir(init_path: str, workdir: str, stage: str) -> str:
   """A finished stage's directory: from the config's path, else this workdir's stage."""
-  if init_path:
-    from euphonium_jax.config import resolve_path
-    path = resolve_path(init_path)
-    sub = os.path.join(path, stage)
-    return sub if checkpoint.is_done(sub) else path
-  return os.path.join(workdir, stage, "final")
+  return paths.stage_source(init_path, workdir, stage)
 
 
 def load(kind: str, config, directory: str, tree: dict | None = None):
@@ -194,30 +150,13 @@ def load(kind: str, config, directory: str, tree: dict | None = None):
     raise ValueError(f"{directory} holds no {kind!r} network (it has {sorted(tree)})")
   entry = tree[kind]
   try:
-    params = _match(params, entry["params"])
-    rest = _match(rest, entry["rest"])
+    params = common.match_tree(params, entry["params"])
+    rest = common.match_tree(rest, entry["rest"])
   except (KeyError, ValueError) as e:
     raise ValueError(
         f"the {kind} checkpoint in {directory} does not match config.{kind} "
         f"(different sizes?): {e}") from None
   return graphdef, params, rest
-
-
-def _match(template, restored, path: str = ""):
-  """`restored` arranged as `template` (orbax returns list indices as string keys)."""
-  if isinstance(template, dict):
-    if not isinstance(restored, dict):
-      raise ValueError(f"{path or 'root'}: expected a group, found an array")
-    missing = [k for k in template if k not in restored and str(k) not in restored]
-    if missing or len(restored) != len(template):
-      raise ValueError(f"{path or 'root'}: checkpoint keys {sorted(map(str, restored))} "
-                       f"!= model keys {sorted(map(str, template))}")
-    return {k: _match(v, restored[k] if k in restored else restored[str(k)], f"{path}/{k}")
-            for k, v in template.items()}
-  if tuple(template.shape) != tuple(np.shape(restored)):
-    raise ValueError(f"{path}: checkpoint shape {np.shape(restored)} != model shape "
-                     f"{tuple(template.shape)}")
-  return jnp.asarray(restored, template.dtype)
 
 
 # -------------------------------------------------------------------------- Pure calls
@@ -229,20 +168,6 @@ text_fn = models_api.make_text_fn
 encode_fn = models_api.make_encode_fn
 decode_fn = models_api.make_decode_fn
 prm_fn = models_prm.make_prm_fn  # prm((params, rest), x_t, t, text) -> [B]
-
-
-def cfg_velocity(velocity: Callable, scale: float, null_text: dict[str, jax.Array]):
-  """Classifier-free guidance: v_u + scale (v_c - v_u); scale 1 is the plain velocity."""
-  if scale == 1.0:
-    return velocity
-
-  def fn(params, x, t, text):
-    b = x.shape[0]
-    null = jax.tree.map(lambda a: jnp.broadcast_to(a[:1], (b,) + a.shape[1:]), null_text)
-    both = jax.tree.map(lambda c, u: jnp.concatenate([c, u]), text, null)
-    v = velocity(params, jnp.concatenate([x, x]), jnp.concatenate([t, t]), both)
-    return v[b:] + scale * (v[:b] - v[b:])
-  return fn
 
 
 def latent_shape(config) -> tuple[int, int, int, int]:

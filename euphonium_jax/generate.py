@@ -1,8 +1,9 @@
-"""Text -> video with the embedded world's networks: sample, decode, score, write.
+"""Text -> video with a bundle's networks: sample, decode, score, write.
 
 `Generator` holds the three networks as (graphdef, params, rest) triples and one jitted
-program per batch shape that runs the whole sampler (any preset; ODE for evaluation) and the
-VAE decoder. Used by the pretrain stage's evaluations and the `sample` stage.
+program per batch shape that runs the whole sampler (the Euler ODE of `config.eval` by
+default, any sampler config by argument) and the VAE decoder. Used by the pretrain stage's
+evaluations, the grpo stage's, and the `sample` and `evaluate` stages, on either bundle.
 """
 
 from __future__ import annotations
@@ -11,16 +12,35 @@ import dataclasses
 import functools
 import json
 import os
-from typing import Any, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from euphonium_jax import checkpoint, embedded, parallel, report
+from euphonium_jax import checkpoint, embedded, parallel, report, sampling
+from euphonium_jax.bundles import embedded as embedded_bundle
+from euphonium_jax.data import prompts as prompts_lib
 from euphonium_jax.data import world
 from euphonium_jax.rewards import registry as rewards
-from euphonium_jax import sampling
+from euphonium_jax.sampling import cfg as cfg_lib
+
+
+def eval_sampler(config) -> sampling.SamplerConfig:
+  """The evaluation sampler: Euler ODE with `eval.num_steps` / `eval.shift`."""
+  return sampling.preset("ode", num_steps=config.eval.num_steps, shift=config.eval.shift)
+
+
+def eval_prompts(config, prompt_set: prompts_lib.PromptSet, key) -> tuple[list, list]:
+  """(prompts, metadata) of an evaluation: `eval.num_prompts` held-out prompts, a function of
+  `key` only (the world's drawn from `eval.split` as always; a file's test split)."""
+  n = config.eval.num_prompts
+  if prompt_set.is_world:
+    attrs = world.sample_attrs(jax.random.split(key)[0], n, config.eval.split)
+    return world.captions(np.asarray(attrs)), [{} for _ in range(n)]
+  prompts, meta = prompt_set.split("test")
+  idx = prompts_lib.eval_indices(len(prompts), n, config.eval.seed)
+  return [prompts[i] for i in idx], [meta[i] for i in idx]
 
 
 @dataclasses.dataclass
@@ -30,7 +50,18 @@ class Generator:
   text: tuple
   model: tuple
   mesh: Any
-  nets: Any = embedded  # the model bundle: `embedded` or `wan_bundle` (same calls)
+  nets: Any = None  # the ModelBundle (default: the embedded world's)
+  encode: Optional[Callable] = None  # host prompts -> text dict (default: self.text's, as set)
+  sampler: Optional[sampling.SamplerConfig] = None  # default: eval_sampler(config)
+  cfg_scale: Optional[float] = None  # default: config.eval.cfg_scale
+
+  def __post_init__(self):
+    if self.nets is None:
+      self.nets = embedded_bundle.EmbeddedBundle(self.config)
+    if self.sampler is None:
+      self.sampler = eval_sampler(self.config)
+    if self.cfg_scale is None:
+      self.cfg_scale = float(self.config.eval.cfg_scale)
 
   @classmethod
   def from_params(cls, config, *, vae, text, model, mesh=None) -> "Generator":
@@ -51,32 +82,35 @@ class Generator:
     return jax.jit(self.nets.text_fn(self.text[0]))
 
   def text_cond(self, prompts: Sequence[str]) -> dict[str, jax.Array]:
-    ids, mask = self.nets.tokenize(self.config, prompts)
+    if self.encode is not None:
+      return self.encode(list(prompts))
+    ids, mask = self.nets.tokenize(list(prompts))  # the current self.text's parameters
     return self._text_program(self.text[1:], ids, mask)
 
   @functools.cached_property
   def _program(self):
-    """jit(params, key, cond, null) -> (frames, latents) for the eval sampler settings."""
-    c = self.config
-    sampler = sampling.preset("ode", num_steps=c.eval.num_steps, shift=c.eval.shift)
-    vg, _, _ = self.model
-    velocity = self.nets.velocity_fn(vg)
+    """jit(params, key, cond) -> (frames, latents) for the sampler settings."""
+    sampler, shape = self.sampler, self.nets.latent_shape()
+    velocity = cfg_lib.cfg_velocity(self.nets.velocity_fn(self.model[0]), self.cfg_scale)
     decode = self.nets.decode_fn(self.vae[0])
-    shape = self.nets.latent_shape(c)
 
-    def program(params, key, cond, null):
-      v = embedded.cfg_velocity(velocity, c.eval.cfg_scale, null)
-      rollout = sampling.make_rollout(v, None, sampler, parallel.batch_sharding(self.mesh, 5))
+    def program(params, key, cond):
+      rollout = sampling.make_rollout(velocity, None, sampler,
+                                      parallel.batch_sharding(self.mesh, len(shape) + 1))
       b = jax.tree.leaves(cond)[0].shape[0]
       out = rollout(params["model"], None, key, cond, (b,) + tuple(shape))
       return decode(params["vae"], out.x0_hat), out.x0_hat
 
     return jax.jit(program)
 
-  def sample(self, key, prompts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+  def sample(self, key, prompts: Sequence[str], negatives: Sequence[str] | None = None
+             ) -> tuple[np.ndarray, np.ndarray]:
     """Videos [B, T, H, W, 3] in [0, 1] (and their latents) for `prompts`."""
-    cond = self.text_cond(prompts)
-    null = self.text_cond([self.nets.NULL_PROMPT])
+    cond = {"text": self.text_cond(prompts)}
+    if self.cfg_scale != 1.0:
+      negatives = negatives or [self.config.data.negative_prompt or self.nets.null_prompt
+                                ] * len(prompts)
+      cond["negative"] = self.text_cond(negatives)
     params = {"model": self.model[1:], "vae": self.vae[1:]}
     n = len(prompts)
     dp = parallel.data_parallel_size(self.mesh)
@@ -85,19 +119,24 @@ class Generator:
       cond = jax.tree.map(lambda a: jnp.concatenate([a, a[:1].repeat(pad, 0)]), cond)
     cond = jax.tree.map(lambda a: parallel.global_array(
         np.asarray(a), parallel.batch_sharding(self.mesh, np.ndim(a))), cond)
-    frames, latents = self._program(params, key, cond, null)
+    frames, latents = self._program(params, key, cond)
     return parallel.to_host(frames)[:n], parallel.to_host(latents)[:n]
 
   def evaluate(self, key, outdir: str, name: str, prompts: Sequence[str] | None = None,
-               reward_name: str = "shapes_fidelity") -> dict[str, Any]:
+               reward_name: str = "shapes_fidelity", metadata: Sequence[dict] | None = None
+               ) -> dict[str, Any]:
     """Samples held-out prompts, scores them, writes a GIF/MP4 grid and a contact sheet."""
     c = self.config
     k_prompts, k_sample = jax.random.split(key)
     if prompts is None:
       attrs = world.sample_attrs(k_prompts, c.eval.num_prompts, c.eval.split)
       prompts = world.captions(np.asarray(attrs))
-    frames, _ = self.sample(k_sample, prompts)
-    scores = np.asarray(rewards.get(reward_name)(jnp.asarray(frames), list(prompts)))
+    negatives = None
+    if metadata is not None and self.cfg_scale != 1.0:
+      default = c.data.negative_prompt or self.nets.null_prompt
+      negatives = [m.get("negative_prompt", default) for m in metadata]
+    frames, _ = self.sample(k_sample, prompts, negatives)
+    scores = np.asarray(rewards.call(reward_name, jnp.asarray(frames), list(prompts), metadata))
     os.makedirs(outdir, exist_ok=True)
     k = min(c.eval.num_videos, len(prompts))
     stem = os.path.join(outdir, name)

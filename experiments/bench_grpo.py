@@ -7,14 +7,14 @@ their achieved FLOP/s against a matmul peak measured in the same run, and peak m
 Everything is built as the `grpo` stage builds it (euphonium_jax/stages/grpo.py), from the
 config's networks (`init.pretrain`, `init.prm`: the shipped assets for configs/euphonium.py):
 
-- rollout: the stage's `rollout_program`, rebuilt here (the stage defines it inside `run`):
+- rollout: `policy.make_rollout_program`, the program the stage runs:
   `sampling.make_rollout` over the policy velocity and the PRM, N SDE steps in one
   `lax.scan`, PRM value-and-gradient on the guided steps, then the VAE decode of the scored
   latent, `prm_final` if configured and the finite flag; one jitted program with the stage's
   shardings, for the batch `grpo.prompts_per_iteration x sampling.group_size`. DECODE IS
   INCLUDED (it is timed alone in the "parts" rows). "unguided" is the same program with
   `sampling.guidance.mode = 'off'` (no PRM call unless `score_unguided_steps`).
-- update: `stages.grpo.make_update_step` with the config's optimiser and loss settings, on
+- update: `policy.make_update_step` with the config's optimiser and loss settings, on
   the guided rollout's latents / log-probs, advantages from the config's outcome rewards
   scored on its decoded frames and the PRM's process rewards, and the stage's transition
   selection; one optimiser step = `grpo.samples_per_update` samples x K trained transitions.
@@ -59,9 +59,9 @@ import jax.numpy as jnp
 from ml_collections import config_flags
 import numpy as np
 
-from euphonium_jax import (checkpoint, config as config_lib, embedded, parallel, sampling,
-                           training)
-from euphonium_jax.data import world
+from euphonium_jax import bundles, config as config_lib, embedded, parallel, sampling
+from euphonium_jax import policy as policy_lib
+from euphonium_jax.data import prompts as prompts_lib
 from euphonium_jax.rl import grpo
 from euphonium_jax.stages import grpo as stage
 
@@ -194,12 +194,12 @@ def main(argv):
   plain = dataclasses.replace(sampler, guidance=dataclasses.replace(sampler.guidance,
                                                                     mode="off"))
   arrs = sampling.grid_arrays(sampler)
-  hp = stage.hyper(config, sampler)
+  hp = policy_lib.hyper(config, sampler)
   group, n_steps = sampler.group_size, sampler.num_steps
   batch = gc.prompts_per_iteration * group
   per_update = gc.samples_per_update
   keep_means = hp.distill_coef > 0 or hp.logprob_mean == "guided"
-  need_prm = stage.uses_prm(config, arrs)
+  need_prm = policy_lib.uses_prm(config, arrs)
   reward_names = [name for name, _ in gc.rewards]
   k_trained = grpo.num_trained_steps(n_steps, gc.timestep_fraction)
   n_guided = int(arrs.guided.sum())
@@ -208,85 +208,37 @@ def main(argv):
   rep = parallel.replicated(mesh)
   b_sh = lambda ndim: parallel.batch_sharding(mesh, ndim)
 
-  # Networks: as the stage.
+  # Networks and programs: the stage's own (euphonium_jax/policy.py), built as it builds them.
   log("[bench] loading networks")
-  source = embedded.flow_dir(config, "/nonexistent-workdir")
-  tree = checkpoint.load_final(source)
-  vae, text, model = (embedded.load(k, config, source, tree) for k in ("vae", "text", "model"))
-  vae, text = ((n[0],) + jax.device_put(n[1:], rep) for n in (vae, text))
+  nets = bundles.get(config)
+  vae, text, model, source = nets.load_networks("/nonexistent-workdir", mesh)
   model_g, model_p, model_r = model
-  table = embedded.prompt_table(config)
-  text_table = jax.jit(embedded.text_fn(text[0]), out_shardings=rep)(
-      text[1:], table.ids, table.mask)
-  prm_fn = None
-  prm_params = None
-  if need_prm:
-    prm_g, prm_p, prm_r = embedded.load("prm", config, embedded.prm_dir(config, "/nonexistent"))
-    prm_params = jax.device_put((prm_p, prm_r), rep)
-    prm_fn = embedded.prm_fn(prm_g)
-  frozen = {"text": text_table, "vae": vae[1:], "model_rest": jax.device_put(model_r, rep),
-            "prm": prm_params}
-  null_index = table.null_index
-  decode = embedded.decode_fn(vae[0])
-  shape = tuple(embedded.latent_shape(config))
-
-  def policy(frozen):
-    null = jax.tree.map(lambda a: a[null_index:null_index + 1], frozen["text"])
-    v = embedded.cfg_velocity(embedded.velocity_fn(model_g), gc.cfg_scale, null)
-    return lambda p, x, t, c: v((p, frozen["model_rest"]), x, t, c)
-
-  tx = training.optimizer(gc.lr, gc.warmup_steps, gc.weight_decay, gc.grad_clip, gc.b1, gc.b2)
-  p_sh = training.param_shardings(embedded.abstract("model", config), mesh,
-                                  config.sharding.rules)
-  state_sh = {"params": p_sh, "opt": training.opt_shardings(tx, model_p, p_sh, mesh),
-              "step": rep, "nonfinite": rep, "rng": rep}
-  state = {"params": model_p, "opt": jax.jit(tx.init)(model_p),
-           "step": jnp.zeros((), jnp.int32), "nonfinite": jnp.zeros((), jnp.int32),
-           "rng": jax.random.key_data(jax.random.key(config.seed))}
-  if hp.kl_coef > 0:
-    state_sh["ref"] = p_sh
-    state["ref"] = model_p
-  state = training.place(state, state_sh)
+  prm = nets.load_prm(stage.prm_dir(config, "/nonexistent"), mesh) if need_prm else None
+  pol = policy_lib.make_policy(config, nets, mesh, model_g, vae[0],
+                               None if prm is None else prm[0])
+  frozen, frozen_sh = policy_lib.frozen_inputs(vae, model_r, prm, mesh)
+  tx = policy_lib.make_tx(config)
+  p_sh = nets.model_param_shardings(mesh)
+  state, state_sh = policy_lib.init_state(pol, tx, model_p, p_sh, nets.reference_params)
+  encode = nets.text_encoder(text, mesh)
   mem = {"networks loaded": peak_memory()}
 
-  # Rollout programs: the stage's `rollout_program`, for a given sampler.
-  data_keys = ["latents", "logprobs", "process_rewards"] + (
-      ["means_guided", "guidance"] if keep_means else [])
-  roll_out_sh = {"latents": b_sh(6), "logprobs": b_sh(2), "process_rewards": b_sh(2),
-                 "frames": b_sh(5), "finite": rep}
-  if keep_means:
-    roll_out_sh.update(means_guided=b_sh(6), guidance=b_sh(6))
-  if stage.PRM_FINAL in reward_names:
-    roll_out_sh[stage.PRM_FINAL] = b_sh(1)
-
   def make_rollout_program(cfg):
-    @functools.partial(jax.jit, in_shardings=(p_sh, rep, rep, b_sh(1)),
-                       out_shardings=roll_out_sh)
-    def rollout_program(params, frozen, key, combo):
-      cond = jax.tree.map(lambda a: a[combo], frozen["text"])
-      roll = sampling.make_rollout(policy(frozen), prm_fn, cfg, b_sh(5), keep_means)
-      res = roll(params, frozen["prm"], key, cond, (batch,) + shape)
-      scored = res.x0_hat if gc.score == "x0_hat" else res.latents[:, -1]
-      res_d = res._asdict()
-      outs = {k: res_d[k] for k in data_keys}
-      outs["frames"] = decode(frozen["vae"], scored)
-      if stage.PRM_FINAL in reward_names:
-        outs[stage.PRM_FINAL] = prm_fn(frozen["prm"], scored, jnp.zeros((batch,), jnp.float32),
-                                       cond).astype(jnp.float32)
-      outs["finite"] = training.all_finite(outs)
-      return outs
-    return rollout_program
+    return policy_lib.make_rollout_program(dataclasses.replace(pol, sampler=cfg), p_sh,
+                                           frozen_sh)
 
   key = jax.random.key(config.seed)
   k_prompts, k_roll, k_steps, k_perm = jax.random.split(key, 4)
-  attrs = np.repeat(np.asarray(world.sample_attrs(k_prompts, gc.prompts_per_iteration,
-                                                  gc.split)), group, axis=0)
-  combo_np = np.asarray(embedded.combo_index(attrs), np.int32)
-  prompts = world.captions(attrs)
-  combo = parallel.global_array(combo_np, b_sh(1))
+  prompts_p, meta_p = stage.iteration_prompts(config, prompts_lib.load(
+      config.data.prompts, seed=config.seed, test_fraction=config.data.test_fraction),
+      k_prompts, 0)
+  table = stage.cond_table(config, encode, prompts_p, meta_p, nets.null_prompt)
+  pidx = np.repeat(np.arange(len(prompts_p), dtype=np.int32), group)
+  prompts = [prompts_p[i] for i in pidx]
+  prompt_index = parallel.global_array(pidx, b_sh(1))
   # The update donates its state: the other programs get their own copy of the parameters.
   params = jax.tree.map(jnp.copy, state["params"])
-  roll_args = (params, frozen, k_roll, combo)
+  roll_args = (params, frozen, table, prompt_index, k_roll)
 
   rows = {}  # name -> dict(lower, compile, flops, flops_raw, bytes, temp, fn, note)
   programs = {}
@@ -311,30 +263,29 @@ def main(argv):
       stage.PRM_FINAL in outs) else {}
   r = stage.score_rewards(reward_names, frames, prompts, extra)
   pr = parallel.to_host(outs["process_rewards"])
-  adv_o = np.asarray(grpo.outcome_advantages(jnp.asarray(r), group, gc.adv_clip)).T
+  adv_o = np.asarray(grpo.outcome_advantages(jnp.asarray(r), group, gc.adv_clip,
+                                             adv_std=gc.adv_std, adv_eps=gc.adv_eps)).T
   adv_p = (np.zeros_like(pr) if gc.advantage_mode == "none" else
            np.asarray(grpo.process_advantages(jnp.asarray(pr), group, gc.adv_clip,
-                                              gc.process_source)))
-  steps = np.asarray(grpo.select_steps(k_steps, batch, n_steps, gc.timestep_fraction))
-  data = {k: outs[k] for k in data_keys}
+                                              gc.process_source, adv_std=gc.adv_std,
+                                              adv_eps=gc.adv_eps)))
+  steps = np.asarray(grpo.select_steps(k_steps, batch, n_steps, gc.timestep_fraction,
+                                       selection=gc.step_selection))
+  data = {k: outs[k] for k in pol.data_keys if k != "process_rewards"}
   data.update(adv_outcome=parallel.global_array(adv_o, b_sh(2)),
               adv_process=parallel.global_array(adv_p, b_sh(2)),
-              steps=parallel.global_array(steps, b_sh(2)),
-              combo=parallel.global_array(combo_np, b_sh(1)))
-  data_sh = {k: roll_out_sh[k] for k in data_keys}
-  data_sh.update(adv_outcome=b_sh(2), adv_process=b_sh(2), steps=b_sh(2), combo=b_sh(1))
+              steps=parallel.global_array(steps, b_sh(2)), prompt=prompt_index)
   order = np.asarray(jax.random.permutation(k_perm, batch))
   idx = parallel.global_array(order[:per_update], rep)
-  update_step = stage.make_update_step(policy, tx, arrs, hp, gc.accumulation, mesh, state_sh,
-                                       data_sh, keep_means)
-  compiled, lo, co = compile_timed(update_step, state, data, idx, frozen)
+  update_step = policy_lib.make_update_step(pol, tx, state_sh, frozen_sh)
+  compiled, lo, co = compile_timed(update_step, state, data, idx, frozen, table)
   f, b = cost(compiled)
   programs["GRPO update step"] = dict(whiles=while_loops(compiled))
   mem["update compiled"] = peak_memory()
   holder = [state]
 
   def run_update(c=compiled):
-    holder[0], met = c(holder[0], data, idx, frozen)  # the state is donated
+    holder[0], met = c(holder[0], data, idx, frozen, table)  # the state is donated
     return met
 
   rows["GRPO update step"] = dict(lower=lo, compile=co, flops_raw=f, bytes_raw=b,
@@ -346,11 +297,11 @@ def main(argv):
   log("[bench] compiling parts")
   x = outs["latents"][:, n_steps // 2]
   t_b = jnp.full((batch,), float(arrs.t[n_steps // 2]), jnp.float32)
-  cond = jax.tree.map(lambda a: a[combo], text_table)
+  cond = policy_lib.gather_cond(table, prompt_index)
   i0 = int(np.argmax(arrs.guided)) if n_guided else 0
 
   def one_step(p, fr, x, c, k):
-    v = policy(fr)(p, x, jnp.full((batch,), arrs.t[i0], jnp.float32), c)
+    v = pol.velocity(fr)(p, x, jnp.full((batch,), arrs.t[i0], jnp.float32), c)
     noise = sampling.standard_normal(jax.random.fold_in(k, i0), x.shape)
     out = sampling.sde_step(x, v, arrs.t[i0], arrs.t[i0 + 1], arrs.g[i0], noise,
                             logprob_mean=sampler.logprob_mean)
@@ -358,7 +309,7 @@ def main(argv):
 
   def prm_value_and_grad(pp, x, t, c):
     def total(y):
-      r = prm_fn(pp, y, t, c).astype(jnp.float32)
+      r = pol.prm_fn(pp, y, t, c).astype(jnp.float32)
       return jnp.sum(r), r
     (_, r), g = jax.value_and_grad(total, has_aux=True)(x)
     return (sampling.normalize_grad(g) if sampler.guidance.normalize else g), r
@@ -367,21 +318,21 @@ def main(argv):
   mi = jnp.asarray(order[:micro])
   mb = grpo.Batch(latents=data["latents"][mi], logprobs=data["logprobs"][mi],
                   adv_outcome=data["adv_outcome"][mi], adv_process=data["adv_process"][mi],
-                  steps=data["steps"][mi], cond=jax.tree.map(lambda a: a[combo[mi]], text_table),
+                  steps=data["steps"][mi], cond=policy_lib.gather_cond(table, prompt_index[mi]),
                   means_guided=data["means_guided"][mi] if keep_means else None,
                   guidance=data["guidance"][mi] if keep_means else None)
   grad_fn = jax.value_and_grad(grpo.transition_loss, has_aux=True)
   parts = {
-      "velocity fwd": (jax.jit(lambda p, fr, x, t, c: policy(fr)(p, x, t, c)),
+      "velocity fwd": (jax.jit(lambda p, fr, x, t, c: pol.velocity(fr)(p, x, t, c)),
                        (params, frozen, x, t_b, cond)),
       "rollout step": (jax.jit(one_step), (params, frozen, x, cond, k_roll)),
-      "decode": (jax.jit(decode), (frozen["vae"], x)),
+      "decode": (jax.jit(pol.decode), (frozen["vae"], x)),
       "transition grad": (
-          jax.jit(lambda p, fr, mb: grad_fn(p, fr["ref"], mb, 0, policy(fr), arrs, hp)),
+          jax.jit(lambda p, fr, mb: grad_fn(p, fr["ref"], mb, 0, pol.velocity(fr), arrs, hp)),
           (params, dict(frozen, ref=params), mb)),
   }
-  if prm_fn is not None:
-    parts["PRM fwd"] = (jax.jit(prm_fn), (frozen["prm"], x, t_b, cond))
+  if pol.prm_fn is not None:
+    parts["PRM fwd"] = (jax.jit(pol.prm_fn), (frozen["prm"], x, t_b, cond))
     parts["PRM value+grad"] = (jax.jit(prm_value_and_grad), (frozen["prm"], x, t_b, cond))
   part_rows = {}
   for name, (fn, args) in parts.items():
@@ -418,6 +369,7 @@ def main(argv):
   log("[bench] compiling matmuls")
   ka, kb = jax.random.split(jax.random.key(1))
   mcfg = embedded.network_configs(config).model
+  shape = pol.shape
   tokens = int(np.prod([s // p for s, p in zip(mcfg.latent_shape, mcfg.patch_size)]))
   width, heads = int(mcfg.width), int(mcfg.heads)
   mat = lambda m, k, n, dt: (jax.random.normal(ka, (m, k)).astype(dt),

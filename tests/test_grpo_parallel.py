@@ -8,6 +8,7 @@
    config and end with the parameters of one process with 4 devices.
 """
 
+import dataclasses
 import math
 import os
 import socket
@@ -21,9 +22,9 @@ import optax
 import pytest
 
 from euphonium_jax import config as config_lib
-from euphonium_jax import checkpoint, embedded, parallel, report, sampling, training
+from euphonium_jax import bundles, checkpoint, embedded, parallel, report, sampling, training
+from euphonium_jax import policy as policy_lib
 from euphonium_jax.rl import grpo
-from euphonium_jax.stages import grpo as grpo_stage
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(REPO, "configs", "tiny.py")
@@ -187,7 +188,7 @@ def test_update_on_8_devices_matches_naive():
   rep = parallel.replicated(mesh)
   p_sh = training.param_shardings(embedded.abstract("model", cfg), mesh, rules)
   state_sh = {"params": p_sh, "opt": training.opt_shardings(tx, p1, p_sh, mesh), "ref": p_sh,
-              "step": rep}
+              "step": rep, "ema": p_sh}
   split = [s.spec for s in jax.tree.leaves(p_sh) if "fsdp" in jax.tree.leaves(tuple(s.spec))]
   assert split, "no parameter is split over fsdp"
   b_sh = lambda ndim: parallel.batch_sharding(mesh, ndim)
@@ -195,14 +196,24 @@ def test_update_on_8_devices_matches_naive():
                "adv_process", "steps", "combo")
   data_sh = {k: b_sh(data[k].ndim) for k in data_keys}
   state = training.place({"params": p1, "opt": tx.init(p1), "ref": p0,
-                          "step": np.zeros((), np.int32)}, state_sh)
-  update_step = grpo_stage.make_update_step(
-      lambda frozen: (lambda p, x, t, c: velocity_net((p, frozen["model_rest"]), x, t, c)),
-      tx, arrs, hp, accumulation, mesh, state_sh, data_sh, keep_means=True)
+                          "step": np.zeros((), np.int32), "ema": p0}, state_sh)
+  bundle = bundles.get(cfg)
+  pol = dataclasses.replace(
+      policy_lib.make_policy(cfg, bundle, mesh, model_g,
+                             embedded.split_params(embedded.abstract("vae", cfg))[0], prm_g),
+      hp=hp, keep_means=True)
+  cfg.grpo.accumulation = accumulation
+  cfg.grpo.ema_decay = 0.75  # the EMA of the policy moves after the step
+  data["prompt"] = data.pop("combo")
+  data_keys = tuple("prompt" if k == "combo" else k for k in data_keys)
+  data_sh = policy_lib.data_shardings(pol)
+  assert set(data_sh) == set(data_keys)
+  frozen = jax.device_put({"vae": None, "model_rest": model_r, "prm": None}, rep)
+  update_step = policy_lib.make_update_step(pol, tx, state_sh, jax.tree.map(
+      lambda a: rep, frozen))
   new_state, met = update_step(
       state, {k: parallel.global_array(data[k], data_sh[k]) for k in data_keys},
-      parallel.global_array(idx, rep), jax.device_put(
-          {"text": text_table, "model_rest": model_r}, rep))
+      parallel.global_array(idx, rep), frozen, jax.device_put({"text": text_table}, rep))
 
   # (a) Every output leaf has its declared sharding; parameters really are split.
   flat_out = jax.tree_util.tree_flatten_with_path(new_state)[0]
@@ -237,6 +248,9 @@ def test_update_on_8_devices_matches_naive():
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-3 * lr)
     change = max(change, float(np.max(np.abs(a - p))))
   assert change > 0.5 * lr  # the step is visible
+  for e, a, p in zip(jax.tree.leaves(new_state["ema"]), jax.tree.leaves(new_state["params"]),
+                     jax.tree.leaves(p0)):
+    np.testing.assert_allclose(e, 0.75 * p + 0.25 * a, rtol=1e-6, atol=1e-7)
   for a, b in zip(jax.tree.leaves(new_state["ref"]), jax.tree.leaves(p0)):
     np.testing.assert_array_equal(a, b)
 

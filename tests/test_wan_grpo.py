@@ -1,5 +1,7 @@
 """The real-model path end to end: a tiny random Wan2.1 diffusers folder (written by diffusers
 and transformers) through the grpo stage with LoRA, and its adapters loaded back in diffusers."""
+import glob
+import json
 import os
 
 import diffusers
@@ -69,7 +71,11 @@ def test_wan_config_errors(folder, tmp_path):
   c = wan_tiny_config(folder)
   c.sampling.preset = "euphonium"
   c.sampling.guidance.start = 3
-  with pytest.raises(config_lib.ConfigError, match="process reward model"):
+  with pytest.raises(config_lib.ConfigError, match="needs a PRM"):  # no prm stage or path
+    config_lib.validate(c)
+  c.stages = ("prm", "grpo")
+  c.prm.depth = 3  # the tiny transformer has 2 blocks
+  with pytest.raises(config_lib.ConfigError, match=r"prm.depth = 3 .* in \[1, 2\]"):
     config_lib.validate(c)
   c = wan_tiny_config(folder)
   c.wan.frames = 8
@@ -77,7 +83,7 @@ def test_wan_config_errors(folder, tmp_path):
     config_lib.validate(c)
   c = wan_tiny_config(folder)
   c.stages = ("grpo", "sample")
-  with pytest.raises(config_lib.ConfigError, match="only"):
+  with pytest.raises(config_lib.ConfigError, match="with model_family='wan' the stages"):
     config_lib.validate(c)
   config_lib.validate(wan_tiny_config(folder))  # and the tiny config itself is valid
 
@@ -104,11 +110,51 @@ def test_real_1_3b_config_validates_against_a_folder(folder):
   from euphonium_jax.sampling import config as sampling_config
   s = sampling_config.sampler_config_from(c.sampling)
   assert s.num_steps == 20 and c.eval.num_steps == 50 and c.grpo.cfg_scale == 4.5
-  import importlib.util
-  spec = importlib.util.spec_from_file_location("wan_cfg", path)
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  e = mod.get_config("euphonium")
+  assert s.timesteps == "truncated" and s.grid[0] == pytest.approx(0.999999)
+  for method in ("prm", "evaluate"):
+    m = config_lib.from_file(path + ":" + method)
+    m.wan.path, m.prm.depth = folder, 1
+    config_lib.validate(m, num_devices=8)
+  e = config_lib.from_file(path + ":euphonium")
   e.wan.path = folder
-  with pytest.raises(config_lib.ConfigError, match="process reward model"):
+  with pytest.raises(config_lib.ConfigError, match="init.prm"):  # the PRM is given by path
     config_lib.validate(e, num_devices=8)
+  e.init.prm = folder
+  config_lib.validate(e, num_devices=8)
+  assert sampling_config.sampler_config_from(e.sampling).guidance.start == 15
+
+
+@pytest.mark.slow
+def test_wan_tiny_prm_then_guided_grpo_then_evaluate(folder, tmp_path):
+  """configs/wan_tiny.py:euphonium: a Wan PRM trained on the tiny Wan's rollouts of a prompt
+  file, guided Euphonium GRPO with it (with CFG), then the evaluate stage on the test split."""
+  c = config_lib.from_file(os.path.join(REPO, "configs", "wan_tiny.py:euphonium"))
+  c.wan.path = folder
+  workdir = str(tmp_path / "run")
+  main.run(c, workdir)
+  # The PRM: trained, reported, saved with the Wan PRM's layout (LoRA trunk + head).
+  prm_final = os.path.join(workdir, "prm", "final")
+  assert checkpoint.is_done(prm_final)
+  saved = checkpoint.load_final(prm_final)["prm"]
+  assert "queries" in saved["params"] and "blocks" in saved["rest"]
+  # prm.states='renoised': the training cache keeps the clean estimates, not the trajectories.
+  chunk = sorted(glob.glob(os.path.join(workdir, "prm", "cache", "train", "*.npz")))[0]
+  with np.load(chunk) as z:
+    assert "x0" in z and "latents" not in z and z["x0"].shape == (8, 3, 4, 4, 16)
+  rep = json.load(open(os.path.join(workdir, "prm", "report.json")))
+  assert rep["num_rollouts"] == 8 and len(rep["correlation"]["per_bucket"]) == 4
+  # Guided GRPO: process rewards on the guided steps, both advantages, updates applied.
+  rows = [r for r in report.read_metrics(workdir, "grpo") if "update_seconds" in r]
+  assert len(rows) == 2 and all(r["skipped"] == 0 and r["grad_norm"] > 0 for r in rows)
+  assert all(np.isfinite(r["process_reward"]) and r["process_reward"] != 0 for r in rows)
+  # evaluate: the trained model on the same held-out prompts and noise as grpo's last eval.
+  summary = json.load(open(os.path.join(workdir, "evaluate", "summary.json")))
+  last = [r for r in report.read_metrics(workdir, "grpo") if "eval_reward" in r][-1]
+  got = summary["rewards"]["jpeg_compressibility"]
+  assert summary["model"].endswith(os.path.join("grpo", "final"))
+  assert summary["num_prompts"] == 3  # the test split of 12 prompts at test_fraction 0.25
+  np.testing.assert_allclose(got["mean"], last["eval_reward"], rtol=1e-5)
+  lines = [json.loads(x) for x in open(os.path.join(workdir, "evaluate", "scores.jsonl"))]
+  assert len(lines) == 3 and all(x["prompt"] for x in lines)
+  np.testing.assert_allclose(np.mean([x["jpeg_compressibility"] for x in lines]), got["mean"],
+                             rtol=1e-6)

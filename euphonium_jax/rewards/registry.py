@@ -1,30 +1,40 @@
 """Outcome rewards by name: `fn(frames [B, T, H, W, 3] in [0, 1], prompts) -> float32 [B]`.
 
+A reward may also take `metadata` (one dict per prompt: the other fields of a `.jsonl` prompt
+set's line); `call` hands it over to those that do. A reward registered with
+`world_prompts=True` parses the embedded world's captions and refuses other prompt sets.
+
 The table below is the module's one piece of state on purpose: it is filled once, at import
 time, by the `@register` decorators of the reward modules, and only read afterwards.
 """
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+import inspect
+from typing import Any, Callable, Sequence
 
 import jax
 
 RewardFn = Callable[[jax.Array, Sequence[str]], jax.Array]
 
 _REWARDS: dict[str, RewardFn] = {}
+_WORLD_ONLY: set[str] = set()
 
 
-def register(name: str) -> Callable[[RewardFn], RewardFn]:
-  """Decorator: register a reward under `name` (a second, different reward of that name raises)."""
+def register(name: str, world_prompts: bool = False) -> Callable[[RewardFn], RewardFn]:
+  """Decorator: register a reward under `name` (a second, different reward of that name
+  raises). `world_prompts`: it reads the embedded world's captions (colour, shape, motion)."""
 
   def decorator(fn: RewardFn) -> RewardFn:
     old = _REWARDS.get(name)
     same = old is not None and (old.__module__, old.__qualname__) == (fn.__module__,
                                                                       fn.__qualname__)
     if old is not None and not same:
-      raise ValueError(f"reward {name!r} is already registered ({old.__module__}.{old.__qualname__})")
+      raise ValueError(f"reward {name!r} is already registered "
+                       f"({old.__module__}.{old.__qualname__})")
     _REWARDS[name] = fn
+    if world_prompts:
+      _WORLD_ONLY.add(name)
     return fn
 
   return decorator
@@ -40,3 +50,21 @@ def get(name: str) -> RewardFn:
 def names() -> list[str]:
   """Sorted names of the registered rewards."""
   return sorted(_REWARDS)
+
+
+def needs_world_prompts(name: str) -> bool:
+  """Whether the reward parses the embedded world's captions (and so refuses other sets)."""
+  return name in _WORLD_ONLY
+
+
+def call(name: str, frames, prompts: Sequence[str], metadata: Sequence[dict] | None = None
+         ) -> Any:
+  """The reward `name` on a batch; `metadata` goes to rewards that take it."""
+  fn = get(name)
+  try:
+    takes = "metadata" in inspect.signature(fn).parameters
+  except (TypeError, ValueError):
+    takes = False
+  if takes:
+    return fn(frames, prompts, metadata=list(metadata) if metadata is not None else None)
+  return fn(frames, prompts)

@@ -210,7 +210,7 @@ def shapes_fidelity_attrs(frames: jax.Array, attrs: jax.Array) -> jax.Array:
   return shapes_fidelity_components(frames, attrs)["score"]
 
 
-@registry.register("shapes_fidelity")
+@registry.register("shapes_fidelity", world_prompts=True)
 def shapes_fidelity(frames: jax.Array, prompts: Sequence[str]) -> jax.Array:
   """float32 [B] in [0, 1]: does each clip [B, T, H, W, 3] show its prompt? (host parsing)."""
   attrs = parse_prompts(prompts)

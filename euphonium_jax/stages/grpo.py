@@ -4,10 +4,13 @@ Euphonium, DanceGRPO and Flow-GRPO are the same loop with different `config.samp
 (guidance on / off, the noise schedule) and `config.grpo` (which advantages enter). Each
 iteration:
 
-1. samples `prompts_per_iteration` training prompts and expands each into a group of G
-   (`sampling.group_size`, optionally sharing one initial noise);
+1. samples `prompts_per_iteration` training prompts of the prompt set (`config.data.prompts`:
+   the world's captions or a user's file) and expands each into a group of G
+   (`sampling.group_size`, optionally sharing one initial noise); their text encodings (and
+   negative prompts' under CFG) form the iteration's conditioning table;
 2. rolls them out with the configured sampler, guided by the PRM gradient where configured,
-   and decodes the scored latent (one jitted program, sharded over the batch);
+   and decodes the scored latent (one jitted program, sharded over the batch: the programs
+   are `policy.py`'s, the same that the benchmarks time);
 3. scores the videos with the outcome reward(s) on the host; a reward that raises stops the
    run with its name, a non-finite reward skips the iteration (counted);
 4. computes outcome advantages per group and process advantages per group and step;
@@ -32,13 +35,13 @@ parameters, optimiser state, the KL reference (when `kl_coef > 0`), the RNG, the
 the non-finite counter. Resuming reproduces an uninterrupted run exactly.
 
 Outputs: `WORKDIR/grpo/final` (model, VAE and text encoder: a drop-in `init.pretrain` for the
-`sample` stage), `WORKDIR/grpo/eval/` (video grids and scores per evaluation),
+`sample` stage; with `grpo.ema_decay > 0` the model is the EMA of the trained weights, which
+the evaluations also use), `WORKDIR/grpo/eval/` (video grids and scores per evaluation),
 `WORKDIR/grpo/curves.png`, metrics in `WORKDIR/metrics.jsonl` and TensorBoard.
 """
 
 from __future__ import annotations
 
-import functools
 import os
 import time
 
@@ -47,13 +50,15 @@ import jax.numpy as jnp
 import numpy as np
 import tqdm
 
-from euphonium_jax import (checkpoint, embedded, generate, parallel, report, sampling,
-                           training)
+from euphonium_jax import bundles, checkpoint, generate, parallel, paths, report, sampling
+from euphonium_jax import policy as policy_lib
+from euphonium_jax import training
+from euphonium_jax.data import prompts as prompts_lib
 from euphonium_jax.data import world
 from euphonium_jax.rewards import registry as rewards
 from euphonium_jax.rl import grpo
 
-PRM_FINAL = "prm_final"
+PRM_FINAL = policy_lib.PRM_FINAL
 
 
 def stage_dir(workdir: str) -> str:
@@ -64,22 +69,8 @@ def is_done(workdir: str) -> bool:
   return checkpoint.is_done(os.path.join(stage_dir(workdir), "final"))
 
 
-def uses_prm(config, arrs: sampling.GridArrays) -> bool:
-  g = config.grpo
-  return bool(arrs.scored.any() or g.advantage_mode != "none"
-              or any(name == PRM_FINAL for name, _ in g.rewards))
-
-
-def hyper(config, sampler: sampling.SamplerConfig) -> grpo.Hyper:
-  g = config.grpo
-  return grpo.Hyper(mode=g.advantage_mode, outcome_coef=float(g.outcome_coef),
-                    process_coef=float(g.process_coef),
-                    outcome_weights=tuple(float(w) for _, w in g.rewards),
-                    clip_range=float(g.clip_range), kl_coef=float(g.kl_coef),
-                    distill_coef=float(g.distill_coef), logprob_mean=sampler.logprob_mean)
-
-
-def score_rewards(names, frames: np.ndarray, prompts, extra: dict[str, np.ndarray]) -> np.ndarray:
+def score_rewards(names, frames: np.ndarray, prompts, extra: dict[str, np.ndarray],
+                  metadata=None) -> np.ndarray:
   """`[T, B]` float32 outcome rewards; a reward that raises stops the run, naming it."""
   rows = []
   for name in names:
@@ -87,7 +78,8 @@ def score_rewards(names, frames: np.ndarray, prompts, extra: dict[str, np.ndarra
       rows.append(np.asarray(extra[name], np.float32))
       continue
     try:
-      row = np.asarray(rewards.get(name)(jnp.asarray(frames), list(prompts)), np.float32)
+      row = np.asarray(rewards.call(name, jnp.asarray(frames), list(prompts), metadata),
+                       np.float32)
     except Exception as e:  # The run must not go on with a made-up reward.
       raise RuntimeError(f"[grpo] the outcome reward {name!r} raised {type(e).__name__}: {e}"
                          ) from e
@@ -98,37 +90,29 @@ def score_rewards(names, frames: np.ndarray, prompts, extra: dict[str, np.ndarra
   return np.stack(rows) if rows else np.zeros((0, len(prompts)), np.float32)
 
 
-def make_update_step(policy, tx, arrs: sampling.GridArrays, hp: grpo.Hyper, accumulation: int,
-                     mesh, state_sh, data_sh, keep_means: bool, frozen_sh=None):
-  """The jitted, sharded optimiser step `update_step(state, data, idx, frozen) -> (state,
-  metrics)` on the samples `idx` (replicated int `[samples_per_update]`) of one iteration's
-  `data` (batch-sharded: latents, logprobs, adv_outcome, adv_process, steps, combo, and
-  means_guided / guidance with `keep_means`). `policy(frozen)` returns the velocity
-  `(params, x, t, cond)`; `frozen['text']` is the text encoder's output per prompt index.
-  State shardings are declared in and out and the state is donated; `frozen_sh` (default
-  replicated) are the frozen inputs' shardings (a large frozen base model stays sharded)."""
-  rep = parallel.replicated(mesh)
-  frozen_sh = rep if frozen_sh is None else frozen_sh
+def iteration_prompts(config, prompt_set: prompts_lib.PromptSet, key, iteration: int):
+  """The P prompts of `iteration` and their metadata: a function of (seed, iteration) only.
 
-  def constrain(mb: grpo.Batch) -> grpo.Batch:
-    return jax.tree.map(
-        lambda a: jax.lax.with_sharding_constraint(a, parallel.batch_sharding(mesh, a.ndim)), mb)
+  The world's captions are drawn as attribute triples from `grpo.split` (as the embedded
+  results always were); a prompt file's from its train split (`iteration_indices`)."""
+  gc = config.grpo
+  n = gc.prompts_per_iteration
+  if prompt_set.is_world:
+    attrs = np.asarray(world.sample_attrs(key, n, gc.split))
+    return world.captions(attrs), [{} for _ in range(n)]
+  prompts, meta = prompt_set.split("train")
+  idx = prompts_lib.iteration_indices(len(prompts), n, config.seed, iteration)
+  return [prompts[i] for i in idx], [meta[i] for i in idx]
 
-  @functools.partial(jax.jit, in_shardings=(state_sh, data_sh, rep, frozen_sh),
-                     out_shardings=(state_sh, rep), donate_argnums=0)
-  def update_step(state, data, idx, frozen):
-    take = lambda a: a[idx]
-    cond = jax.tree.map(lambda a: a[take(data["combo"])], frozen["text"])
-    mb = grpo.Batch(latents=take(data["latents"]), logprobs=take(data["logprobs"]),
-                    adv_outcome=take(data["adv_outcome"]), adv_process=take(data["adv_process"]),
-                    steps=take(data["steps"]), cond=cond,
-                    means_guided=take(data["means_guided"]) if keep_means else None,
-                    guidance=take(data["guidance"]) if keep_means else None)
-    update = grpo.make_update(policy(frozen), tx, arrs, hp, accumulation,
-                              guard=training.guarded_update, constrain=constrain)
-    return update(state, mb)
 
-  return update_step
+def cond_table(config, encode, prompts, meta, null_prompt: str) -> dict:
+  """{'text': encodings of the P prompts, 'negative': of their negative prompts} (the
+  negative only with CFG: a prompt's `negative_prompt` field, else data.negative_prompt)."""
+  table = {"text": encode(prompts)}
+  if config.grpo.cfg_scale != 1.0:
+    default = config.data.negative_prompt or null_prompt
+    table["negative"] = encode([m.get("negative_prompt", default) for m in meta])
+  return table
 
 
 def run(config, workdir: str) -> dict:
@@ -136,107 +120,43 @@ def run(config, workdir: str) -> dict:
   out = stage_dir(workdir)
   os.makedirs(out, exist_ok=True)
 
-  # ---------------------------------------------------------------------- Sampler
-  sampler = sampling.sampler_config_from(config.sampling)
-  arrs = sampling.grid_arrays(sampler)
-  hp = hyper(config, sampler)
-  group, n_steps = sampler.group_size, sampler.num_steps
-  batch = gc.prompts_per_iteration * group  # global rollouts per iteration
-  per_update = gc.samples_per_update
-  updates_per_epoch = batch // per_update
-  keep_means = hp.distill_coef > 0 or hp.logprob_mean == "guided"
-  need_prm = uses_prm(config, arrs)
-  reward_names = [name for name, _ in gc.rewards]
-
   # ------------------------------------------------------------------------- Mesh
   mesh = parallel.mesh_from_config(config)
-  for key, n in (("grpo.prompts_per_iteration x sampling.group_size", batch),
-                 ("grpo.samples_per_update / grpo.accumulation", per_update // gc.accumulation)):
-    if not parallel.batch_size_ok(n, mesh):
-      raise ValueError(f"config.{key} = {n} must be divisible by the data-parallel size "
-                       f"{parallel.data_parallel_size(mesh)}")
   rep = parallel.replicated(mesh)
   b_sh = lambda ndim: parallel.batch_sharding(mesh, ndim)
 
-  # ---------------------------------------------------------------------- Networks
-  nets = embedded.bundle(config)  # embedded world or Wan: the same calls
-  vae, text, model, source = nets.load_networks(config, workdir, mesh)
+  # ---------------------------------------------------------------- Prompts, networks
+  prompt_set = prompts_lib.load(config.data.prompts, seed=config.seed,
+                                test_fraction=config.data.test_fraction)
+  nets = bundles.get(config)
+  vae, text, model, source = nets.load_networks(workdir, mesh)
   model_g, model_p, model_r = model
-  table = nets.prompt_table(config)
-  text_table = jax.jit(nets.text_fn(text[0]), out_shardings=rep)(
-      text[1:], table.ids, table.mask)  # the frozen text encoder's output for every prompt
-  prm_params, prm_fn, prm_source = None, None, None
+  need_prm = policy_lib.uses_prm(config, _grid(config))
+  prm, prm_source = None, None
   if need_prm:
-    prm_source = embedded.prm_dir(config, workdir)
-    prm_g, prm_p, prm_r = embedded.load("prm", config, prm_source)
-    prm_params = jax.device_put((prm_p, prm_r), rep)
-    prm_fn = embedded.prm_fn(prm_g)
-  rest_sh = jax.tree.map(lambda a: a.sharding if isinstance(a, jax.Array) and len(
-      a.sharding.device_set) == mesh.size else rep, model_r)
-  frozen = {"text": text_table, "vae": vae[1:], "model_rest": jax.device_put(model_r, rest_sh),
-            "prm": prm_params}
-  frozen_sh = jax.tree.map(lambda a: a.sharding, frozen)
-  null_index = table.null_index
-  decode = nets.decode_fn(vae[0])
-  shape = tuple(nets.latent_shape(config))
+    prm_source = prm_dir(config, workdir)
+    prm = nets.load_prm(prm_source, mesh)
+  encode = bundles.run_text_encoder(config, nets, text, mesh, prompt_set, workdir)
 
-  def policy(frozen):
-    """The policy's velocity `(params, x, t, cond)`: CFG-combined when grpo.cfg_scale != 1."""
-    null = jax.tree.map(lambda a: a[null_index:null_index + 1], frozen["text"])
-    v = embedded.cfg_velocity(nets.velocity_fn(model_g), gc.cfg_scale, null)
-    return lambda p, x, t, c: v((p, frozen["model_rest"]), x, t, c)
-
-  # ------------------------------------------------------------------------- State
-  tx = training.optimizer(gc.lr, gc.warmup_steps, gc.weight_decay, gc.grad_clip, gc.b1, gc.b2)
-  p_sh = nets.model_param_shardings(config, mesh)
-  state_sh = {"params": p_sh, "opt": training.opt_shardings(tx, model_p, p_sh, mesh),
-              "step": rep, "nonfinite": rep, "rng": rep}
-  state = {"params": model_p, "opt": jax.jit(tx.init)(model_p),
-           "step": jnp.zeros((), jnp.int32), "nonfinite": jnp.zeros((), jnp.int32),
-           "rng": jax.random.key_data(jax.random.key(config.seed))}
-  if hp.kl_coef > 0:
-    state_sh["ref"] = p_sh
-    state["ref"] = nets.reference_params(config, model_p)  # own buffers: state is donated
-  state = training.place(state, state_sh)
-
-  # ----------------------------------------------------------------------- Rollout
-  data_keys = ["latents", "logprobs", "process_rewards"] + (
-      ["means_guided", "guidance"] if keep_means else [])
-  roll_out_sh = {"latents": b_sh(6), "logprobs": b_sh(2), "process_rewards": b_sh(2),
-                 "frames": b_sh(5), "finite": rep}
-  if keep_means:
-    roll_out_sh.update(means_guided=b_sh(6), guidance=b_sh(6))
-  if PRM_FINAL in reward_names:
-    roll_out_sh[PRM_FINAL] = b_sh(1)
-
-  @functools.partial(jax.jit, in_shardings=(p_sh, frozen_sh, rep, b_sh(1)),
-                     out_shardings=roll_out_sh)
-  def rollout_program(params, frozen, key, combo):
-    """Guided (or not) rollout of the batch, the decoded scored latent, and a finite flag."""
-    cond = jax.tree.map(lambda a: a[combo], frozen["text"])
-    roll = sampling.make_rollout(policy(frozen), prm_fn, sampler, b_sh(5), keep_means)
-    res = roll(params, frozen["prm"], key, cond, (batch,) + shape)
-    scored = res.x0_hat if gc.score == "x0_hat" else res.latents[:, -1]
-    res_d = res._asdict()
-    outs = {k: res_d[k] for k in data_keys}
-    outs["frames"] = decode(frozen["vae"], scored)
-    if PRM_FINAL in reward_names:
-      outs[PRM_FINAL] = prm_fn(frozen["prm"], scored, jnp.zeros((batch,), jnp.float32),
-                               cond).astype(jnp.float32)
-    outs["finite"] = training.all_finite(outs)
-    return outs
-
-  # ------------------------------------------------------------------------ Update
-  data_sh = {k: roll_out_sh[k] for k in data_keys}
-  data_sh.update(adv_outcome=b_sh(2), adv_process=b_sh(2), steps=b_sh(2), combo=b_sh(1))
-
-  update_step = make_update_step(policy, tx, arrs, hp, gc.accumulation, mesh, state_sh,
-                                 data_sh, keep_means, frozen_sh)
+  # ------------------------------------------------------------------- Programs
+  pol = policy_lib.make_policy(config, nets, mesh, model_g, vae[0],
+                               None if prm is None else prm[0])
+  frozen, frozen_sh = policy_lib.frozen_inputs(vae, model_r, prm, mesh)
+  group, n_steps, batch = pol.sampler.group_size, pol.sampler.num_steps, pol.batch
+  per_update = gc.samples_per_update
+  updates_per_epoch = batch // per_update
+  reward_names = list(pol.reward_names)
+  tx = policy_lib.make_tx(config)
+  p_sh = nets.model_param_shardings(mesh)
+  state, state_sh = policy_lib.init_state(pol, tx, model_p, p_sh, nets.reference_params)
+  rollout_program = policy_lib.make_rollout_program(pol, p_sh, frozen_sh)
+  update_step = policy_lib.make_update_step(pol, tx, state_sh, frozen_sh)
 
   # ------------------------------------------------------------------- Evaluation
   gen = generate.Generator(config, vae, text, (model_g, None, frozen["model_rest"]), mesh,
-                           nets)
+                           nets, encode=encode)
   eval_key = jax.random.fold_in(jax.random.key(config.eval.seed), 777)
+  eval_prompts = generate.eval_prompts(config, prompt_set, eval_key)
 
   # Scored by the first pixel reward of grpo.rewards (shapes_fidelity when there is none).
   eval_reward = next((n for n in reward_names if n != PRM_FINAL), "shapes_fidelity")
@@ -245,6 +165,7 @@ def run(config, workdir: str) -> dict:
     gen.model = (model_g, params, frozen["model_rest"])
     t0 = time.time()
     res = gen.evaluate(eval_key, os.path.join(out, "eval"), f"iter_{iteration:05d}",
+                       prompts=eval_prompts[0], metadata=eval_prompts[1],
                        reward_name=eval_reward)
     return {"eval_reward": res["reward_mean"], "eval_stderr": res["reward_stderr"],
             "eval_seconds": time.time() - t0}
@@ -255,7 +176,7 @@ def run(config, workdir: str) -> dict:
   writer = report.MetricWriter(workdir, "grpo")
   start = int(state["step"])
   if start == 0:
-    writer.write(0, evaluate(state["params"], 0))
+    writer.write(0, evaluate(policy_lib.eval_params(pol, state), 0))
 
   # ------------------------------------------------------------------------- Loop
   t_start = time.time()
@@ -266,52 +187,55 @@ def run(config, workdir: str) -> dict:
       k_prompts, k_roll, k_steps, k_perm = jax.random.split(base, 4)
 
       # Prompts: P training prompts, each expanded into a group of G.
-      attrs = np.repeat(np.asarray(world.sample_attrs(k_prompts, gc.prompts_per_iteration,
-                                                      gc.split)), group, axis=0)
-      combo = np.asarray(embedded.combo_index(attrs), np.int32)
-      prompts = world.captions(attrs)
+      prompts_p, meta_p = iteration_prompts(config, prompt_set, k_prompts, it)
+      table = cond_table(config, encode, prompts_p, meta_p, nets.null_prompt)
+      pidx = np.repeat(np.arange(len(prompts_p), dtype=np.int32), group)
+      prompts = [prompts_p[i] for i in pidx]
+      meta = [meta_p[i] for i in pidx]
+      prompt_index = parallel.global_array(pidx, b_sh(1))
 
       # Rollout, decode, score.
       t0 = time.time()
-      outs = rollout_program(state["params"], frozen, k_roll, parallel.global_array(combo,
-                                                                                    b_sh(1)))
+      outs = rollout_program(state["params"], frozen, table, prompt_index, k_roll)
       frames = parallel.to_host(outs["frames"])
       rollout_s = time.time() - t0
       extra = {PRM_FINAL: parallel.to_host(outs[PRM_FINAL])} if PRM_FINAL in outs else {}
-      r = score_rewards(reward_names, frames, prompts, extra)  # [T, B]
+      r = score_rewards(reward_names, frames, prompts, extra, meta)  # [T, B]
       finite = bool(outs["finite"]) and bool(np.isfinite(r).all())
 
       # Advantages (host; every process computes the same numbers).
       pr = parallel.to_host(outs["process_rewards"])  # [B, N]
-      adv_o = np.asarray(grpo.outcome_advantages(jnp.asarray(r), group, gc.adv_clip)).T
+      adv_o = np.asarray(grpo.outcome_advantages(jnp.asarray(r), group, gc.adv_clip,
+                                                 adv_std=gc.adv_std, adv_eps=gc.adv_eps)).T
       if gc.advantage_mode == "none":
         adv_p = np.zeros_like(pr)
       else:
         adv_p = np.asarray(grpo.process_advantages(jnp.asarray(pr), group, gc.adv_clip,
-                                                   gc.process_source))
-      steps = np.asarray(grpo.select_steps(k_steps, batch, n_steps, gc.timestep_fraction))
+                                                   gc.process_source, adv_std=gc.adv_std,
+                                                   adv_eps=gc.adv_eps))
+      steps = np.asarray(grpo.select_steps(k_steps, batch, n_steps, gc.timestep_fraction,
+                                           selection=gc.step_selection))
       row = {f"reward/{name}": float(np.mean(r[i])) for i, name in enumerate(reward_names)}
       for i, name in enumerate(reward_names):
         rep_ = grpo.group_report(jnp.asarray(r[i]), group)
         row[f"reward/{name}_group_std"] = float(rep_["group_std"])
         row[f"reward/{name}_zero_std_fraction"] = float(rep_["zero_std_fraction"])
-      if arrs.scored.any():
-        row["process_reward"] = float(np.mean(pr[:, arrs.scored]))
+      if pol.arrs.scored.any():
+        row["process_reward"] = float(np.mean(pr[:, pol.arrs.scored]))
 
       # Updates.
       t0 = time.time()
       update_metrics = []
       if finite:
-        data = {k: outs[k] for k in data_keys}
+        data = {k: outs[k] for k in pol.data_keys if k != "process_rewards"}
         data.update(adv_outcome=parallel.global_array(adv_o, b_sh(2)),
                     adv_process=parallel.global_array(adv_p, b_sh(2)),
-                    steps=parallel.global_array(steps, b_sh(2)),
-                    combo=parallel.global_array(combo, b_sh(1)))
+                    steps=parallel.global_array(steps, b_sh(2)), prompt=prompt_index)
         for epoch in range(gc.inner_epochs):
           order = np.asarray(jax.random.permutation(jax.random.fold_in(k_perm, epoch), batch))
           for u in range(updates_per_epoch):
             idx = parallel.global_array(order[u * per_update:(u + 1) * per_update], rep)
-            state, met = update_step(state, data, idx, frozen)
+            state, met = update_step(state, data, idx, frozen, table)
             met = jax.device_get(met)
             update_metrics.append(met)
             bad = int(met["skipped"])
@@ -334,7 +258,7 @@ def run(config, workdir: str) -> dict:
                  rollout_seconds=rollout_s, update_seconds=update_s,
                  updates=len(update_metrics))
       if (gc.eval_every and done % gc.eval_every == 0) or done == gc.iterations:
-        row.update(evaluate(state["params"], done))
+        row.update(evaluate(policy_lib.eval_params(pol, state), done))
       if done % gc.log_every == 0 or "eval_reward" in row or done == gc.iterations:
         writer.write(done, row)
       if done % gc.ckpt_every == 0 or done == gc.iterations or preempt.requested:
@@ -352,7 +276,8 @@ def run(config, workdir: str) -> dict:
            if "eval_reward" in r_]
   first, last = evals[0], evals[-1]
   summary = {"stage": "grpo", "iterations": gc.iterations, "source": source,
-             "prm": prm_source, "sampler": sampler.name,
+             "prm": prm_source, "sampler": pol.sampler.name,
+             "prompts": prompt_set.source,
              "eval_reward_start": first[1], "eval_stderr_start": first[2],
              "eval_reward_end": last[1], "eval_stderr_end": last[2],
              "eval_gain": last[1] - first[1], "train_seconds_this_process": train_s,
@@ -365,12 +290,21 @@ def run(config, workdir: str) -> dict:
       series[f"train rollouts ({reward_names[0]})"] = ([x for x, _ in train],
                                                        [y for _, y in train])
     report.plot_curves(os.path.join(out, "curves.png"), series, xlabel="iteration",
-                       title=f"grpo ({sampler.name})")
-  nets.save_final(os.path.join(out, "final"), state["params"], model_r, vae, text, summary,
-                  config)
+                       title=f"grpo ({pol.sampler.name})")
+  nets.save_final(os.path.join(out, "final"), policy_lib.eval_params(pol, state), model_r, vae,
+                  text, summary)
   print(f"[grpo] evaluation reward {first[1]:.4f} +- {first[2]:.4f} -> {last[1]:.4f} +- "
         f"{last[2]:.4f} (gain {last[1] - first[1]:+.4f}) after {gc.iterations} iterations")
   return summary
+
+
+def _grid(config):
+  return sampling.grid_arrays(sampling.sampler_config_from(config.sampling))
+
+
+def prm_dir(config, workdir: str) -> str:
+  """The PRM: config.init.prm, else this workdir's prm stage."""
+  return paths.stage_source(config.init.prm, workdir, "prm")
 
 
 def _check_nonfinite(state, limit: int, mgr, iteration: int) -> None:

@@ -20,7 +20,7 @@ import tqdm
 from flax import nnx
 
 from euphonium_jax import checkpoint, embedded, generate, parallel, report, training
-from euphonium_jax.data import world
+from euphonium_jax.data import prompt_table, world
 
 
 def stage_dir(workdir: str) -> str:
@@ -66,7 +66,7 @@ def encode_dataset(encode, vae_state, config, key, chunk: int = 256):
 
 def _encode_chunk(encode, vae_state, config, key, chunk):
   clips, attrs = world.sample_batch(key, chunk, "train", config.world.frames, config.world.size)
-  return encode(vae_state, clips), embedded.combo_index(attrs)
+  return encode(vae_state, clips), prompt_table.combo_index(attrs)
 
 
 def run(config, workdir: str) -> dict:
@@ -127,7 +127,7 @@ def run(config, workdir: str) -> dict:
       clips, attrs = world.sample_batch(k_data, tc.batch_size, "train", config.world.frames,
                                         config.world.size)
       x0 = encode(frozen["vae"], jax.lax.with_sharding_constraint(clips, x_sh))
-      combo = embedded.combo_index(attrs)
+      combo = prompt_table.combo_index(attrs)
     x0 = jax.lax.with_sharding_constraint(x0, x_sh)
     t = sample_times(k_t, tc.batch_size, tc.time_sampling, tc.time_shift)
     eps = jax.random.normal(k_eps, x0.shape, jnp.float32)

@@ -31,10 +31,11 @@ import optax
 import tqdm
 from scipy import stats
 
-from euphonium_jax import checkpoint, embedded, parallel, prm_report, report, sampling, training
-from euphonium_jax.data import rollout_cache, world
-from euphonium_jax.models import prm as models_prm
+from euphonium_jax import bundles, checkpoint, parallel, prm_report, report, sampling, training
+from euphonium_jax.data import prompt_table, rollout_cache, world
+from euphonium_jax.data import prompts as prompts_lib
 from euphonium_jax.rewards import registry as rewards
+from euphonium_jax.sampling import cfg as cfg_lib
 from euphonium_jax.rl import prm_losses
 
 
@@ -92,34 +93,57 @@ def run(config, workdir: str) -> dict:
   rep = parallel.replicated(mesh)
 
   # ----------------------------------------------------------------------- Base model
-  source = embedded.flow_dir(config, workdir)
-  tree = checkpoint.load_final(source)
-  vae, text, model = (embedded.load(k, config, source, tree) for k in ("vae", "text", "model"))
-  vae, text, model = ((n[0],) + jax.device_put(n[1:], rep) for n in (vae, text, model))
-  table = embedded.prompt_table(config)
-  text_table = jax.jit(embedded.text_fn(text[0]), out_shardings=rep)(
-      text[1:], table.ids, table.mask)  # the frozen text encoder's output for every prompt
-  null = jax.tree.map(lambda a: a[table.null_index:], text_table)
-  velocity = embedded.cfg_velocity(embedded.velocity_fn(model[0]), pc.data.cfg_scale, null)
-  decode = embedded.decode_fn(vae[0])
-  reward_fn = rewards.get(pc.reward)
-  shape = embedded.latent_shape(config)
+  nets = bundles.get(config)  # the embedded world or Wan: the same calls
+  vae, text, model, source = nets.load_networks(workdir, mesh)
+  if nets.family == "embedded":  # small networks: a full copy on every device
+    vae, text, model = ((n[0],) + jax.device_put(n[1:], rep) for n in (vae, text, model))
+  prompt_set = prompts_lib.load(config.data.prompts, seed=config.seed,
+                                test_fraction=config.data.test_fraction)
+  # The prompts rollouts may use, indexed by the cached `combo` field: the world's captions
+  # in combo order, or the prompt set's train then test prompts.
+  if prompt_set.is_world:
+    plist, pmeta = prompt_table.all_captions(), [{}] * len(prompt_table.all_captions())
+  else:
+    plist = list(prompt_set.train + prompt_set.test)
+    pmeta = list(prompt_set.train_meta + prompt_set.test_meta)
+  encode = bundles.run_text_encoder(config, nets, text, mesh, prompt_set, workdir)
+  text_table = encode(plist)  # the frozen text encoder's output for every prompt
+  null = encode([config.data.negative_prompt or nets.null_prompt])
+  velocity = cfg_lib.cfg_velocity(nets.velocity_fn(model[0]), pc.data.cfg_scale)
+  decode = nets.decode_fn(vae[0])
+  shape = nets.latent_shape()
   base = {"model": model[1:], "vae": vae[1:]}
-  x_sh = parallel.batch_sharding(mesh, 5)
+  x_sh = parallel.batch_sharding(mesh, len(shape) + 1)
 
   def cond_of(combo):
     return jax.tree.map(lambda a: a[combo], text_table)
 
+  def sampler_cond(combo):
+    """The rollout's conditioning: the prompts, and the negative prompt under CFG."""
+    text_ = cond_of(combo)
+    return cfg_lib.broadcast_negative(text_, null) if pc.data.cfg_scale != 1.0 else \
+        cfg_lib.make_cond(text_)
+
   def score(frames, combo) -> np.ndarray:
-    prompts = world.captions(np.asarray(world.combos("all"))[np.asarray(combo)])
-    return np.asarray(reward_fn(frames, prompts), np.float32)
+    idx = np.asarray(combo)
+    return np.asarray(rewards.call(pc.reward, frames, [plist[i] for i in idx],
+                                   [pmeta[i] for i in idx]), np.float32)
+
+  def split_indices(split: str) -> tuple[np.ndarray, str]:
+    """Indices into `plist` of a file prompt set's split ('heldout' = its test split)."""
+    n_train = len(prompt_set.train)
+    if split == "train":
+      return np.arange(n_train), split
+    if split in ("heldout", "test"):
+      return n_train + np.arange(len(prompt_set.test)), split
+    return np.arange(len(plist)), split
 
   # ---------------------------------------------------------------------- Rollout data
   sampler = data_sampler(config)
   grid = sampling.time_grid(sampler).astype(np.float32)  # [S] = [N + 1]
 
   @jax.jit
-  def rollout_program(params, key, cond):
+  def rollout_program(params, key, cond):  # cond: the sampler's {'text', 'negative'}
     roll = sampling.make_rollout(velocity, None, sampler, x_sh)
     res = roll(params["model"], None, key, cond, (chunk,) + tuple(shape))
     return res.latents, res.x0_hat, decode(params["vae"], res.x0_hat)
@@ -128,34 +152,51 @@ def run(config, workdir: str) -> dict:
                                              "vae": vae[1:]})
   # The reward's source: an edited reward of the same name invalidates the cache too.
   reward_code = hashlib.sha256(
-      inspect.getsource(sys.modules[reward_fn.__module__]).encode()).hexdigest()[:16]
+      inspect.getsource(sys.modules[rewards.get(pc.reward).__module__]).encode()
+  ).hexdigest()[:16]
 
   def rollouts(split: str, num_prompts: int, tag: int) -> dict[str, np.ndarray]:
     """Cached rollouts of `num_prompts` prompts of `split` (x `group` each), chunk by chunk."""
     num_chunks = -(-num_prompts // pc.data.chunk_prompts)
+    # Training on freshly noised clean estimates only (`prm.states = 'renoised'`) needs no
+    # stored trajectory: the training cache keeps x0 alone (1 / (N + 1) of the states, what
+    # makes real-size latents fit); the report's rollouts keep every state.
+    x0_only = tag == 0 and pc.states == "renoised"
     data_key = jax.random.fold_in(jax.random.key(config.seed), 1000 + tag)
 
     def make_chunk(i):
       k_attr, k_roll = jax.random.split(jax.random.fold_in(data_key, i))
-      attrs = np.repeat(np.asarray(world.sample_attrs(k_attr, pc.data.chunk_prompts, split)),
-                        group, axis=0)
-      combo = np.asarray(embedded.combo_index(attrs), np.int32)
+      if prompt_set.is_world:
+        attrs = np.asarray(world.sample_attrs(k_attr, pc.data.chunk_prompts, split))
+        combo = np.asarray(prompt_table.combo_index(attrs), np.int32)
+      else:  # the chunk's prompts: a seeded draw from the split (as sample_attrs does)
+        pool, _ = split_indices(split)
+        combo = pool[prompts_lib.iteration_indices(len(pool), pc.data.chunk_prompts,
+                                                   config.seed * 1000 + tag, i)]
+      combo = np.repeat(combo, group).astype(np.int32)
       latents, x0, frames = rollout_program(base, k_roll,
-                                            parallel.shard_batch(cond_of(combo), mesh))
+                                            parallel.shard_batch(sampler_cond(combo), mesh))
       groups = i * pc.data.chunk_prompts + np.arange(chunk) // group
-      return {"latents": np.asarray(latents, np.float16), "x0": np.asarray(x0, np.float16),
-              "reward": score(frames, combo),
+      out_ = {"x0": np.asarray(x0, np.float16), "reward": score(frames, combo),
               "combo": combo, "group": groups.astype(np.int32), "timesteps": grid}
+      if not x0_only:
+        out_["latents"] = np.asarray(latents, np.float16)
+      return out_
 
     ingredients = {"base": base_digest, "reward": pc.reward, "reward_code": reward_code,
                    "split": split, "tag": tag,
                    "sampler": dataclasses.asdict(sampler), "cfg_scale": pc.data.cfg_scale,
                    "chunk_prompts": pc.data.chunk_prompts, "world": config.world.to_dict(),
                    "seed": config.seed, "latent_shape": shape, "format": 2}
+    if not prompt_set.is_world:  # (a world run's fingerprint is unchanged)
+      ingredients.update(prompts=prompt_set.fingerprint(), family=nets.family)
+    if x0_only:
+      ingredients["x0_only"] = True
     data = rollout_cache.load_or_make(
         os.path.join(out, "cache", split if tag == 0 else f"{split}_report"),
         rollout_cache.fingerprint(ingredients), num_chunks, make_chunk,
-        keys=("latents", "x0", "reward", "combo", "group"), ingredients=ingredients,
+        keys=("x0", "reward", "combo", "group") + (() if x0_only else ("latents",)),
+        ingredients=ingredients,
         write=jax.process_index() == 0, desc=f"rollouts ({split})",
         progress=jax.process_index() == 0)
     return {k: v[:num_prompts * group] for k, v in data.items()}
@@ -167,27 +208,23 @@ def run(config, workdir: str) -> dict:
         f"mean {train_data['reward'].mean():.3f}, std {train_data['reward'].std():.3f}")
 
   # -------------------------------------------------------------------------- Model
-  module = embedded.abstract("prm", config)  # shapes and logical axis names only
-  prm_g = embedded.split_params(module)[0]
-  # Initialised in one compiled program (eagerly, every initialiser would compile its own).
-  prm_p, prm_r = jax.jit(lambda: embedded.split_params(
-      embedded.build("prm", config, seed=config.seed + 11))[1:])()
-  if pc.init_from_base:
-    prm_p = models_prm.init_from_base(prm_p, model[1])
-  prm_fn = embedded.prm_fn(prm_g)
+  prm_g, prm_p, prm_r = nets.init_prm(model, seed=config.seed + 11)
+  prm_fn = nets.prm_fn(prm_g)
   tx = training.optimizer(pc.lr, pc.warmup_steps, pc.weight_decay, pc.grad_clip)
 
   # --------------------------------------------------------------------------- Shard
-  p_sh = training.param_shardings(module, mesh, config.sharding.rules)
+  p_sh = nets.prm_param_shardings(mesh)
   state_sh = {"params": p_sh, "opt": training.opt_shardings(tx, prm_p, p_sh, mesh),
               "step": rep}
   state = training.place({"params": prm_p, "opt": jax.jit(tx.init)(prm_p),
                           "step": jnp.zeros((), jnp.int32)}, state_sh)
-  frozen = jax.device_put({"latents": train_data["latents"], "x0": train_data["x0"],
+  frozen = jax.device_put({"x0": train_data["x0"],
                            "label": labels(config, train_data["reward"]),
                            "combo": train_data["combo"],
                            "text": text_table, "t": grid, "rest": prm_r}, rep)
-  num_rows, num_states = train_data["latents"].shape[:2]
+  if "latents" in train_data:
+    frozen["latents"] = jax.device_put(train_data["latents"], rep)
+  num_rows, num_states = train_data["x0"].shape[0], len(grid)
   base_key = jax.random.fold_in(jax.random.key(config.seed), 2)
 
   # -------------------------------------------------------------------------- Update
@@ -207,7 +244,10 @@ def run(config, workdir: str) -> dict:
       steps = jax.random.randint(k_step, (pc.batch_size,), 0, num_states)
       gid = jnp.zeros((pc.batch_size,), jnp.int32)
     t = frozen["t"][steps]
-    x = frozen["latents"][rows, steps].astype(jnp.float32)
+    if "latents" in frozen:
+      x = frozen["latents"][rows, steps].astype(jnp.float32)
+    else:  # states = 'renoised' from an x0-only cache
+      x = jnp.zeros((rows.shape[0],) + frozen["x0"].shape[1:], jnp.float32)
     if pc.states != "rollout":
       tb = t.reshape((-1,) + (1,) * (x.ndim - 1))
       eps = jax.random.normal(k_eps, x.shape, jnp.float32)
@@ -261,8 +301,8 @@ def run(config, workdir: str) -> dict:
   values = _prm_values(prm_fn, params, held, grid, cond_of, chunk)
   table_ = prm_report.correlation_table(values, held["reward"], grid,
                                         tuple(pc.report.time_buckets), held["group"])
-  check = guidance_check(config, velocity, decode, prm_fn, params, base, held, grid, cond_of,
-                         score, chunk, x_sh)
+  check = guidance_check(config, velocity, decode, prm_fn, params, base, held, grid,
+                         sampler_cond, score, chunk, x_sh)
   res = prm_report.nan_to_none({
       "split": pc.report.split, "num_rollouts": int(len(held["reward"])),
       "reward_mean": float(held["reward"].mean()), "reward_std": float(held["reward"].std()),
@@ -282,10 +322,8 @@ def run(config, workdir: str) -> dict:
                                     for b in table_["per_bucket"]},
              "guidance_grad_minus_random": check["grad_minus_random"],
              "report": os.path.join(out, "report.json"), "config": config.prm.to_dict()}
-  checkpoint.save_final(os.path.join(out, "final"), {
-      "prm": {"params": state["params"], "rest": prm_r},
-      "text": {"params": text[1], "rest": text[2]},
-  }, prm_report.nan_to_none(summary))
+  nets.save_prm(os.path.join(out, "final"), (prm_g, state["params"], prm_r), text,
+                prm_report.nan_to_none(summary))
   _print_summary(res)
   return summary
 
@@ -319,7 +357,7 @@ def guidance_check(config, velocity, decode, prm_fn, params, base, data, grid, c
   @jax.jit
   def program(params, model_vae, x, cond, key):
     t = jnp.full((x.shape[0],), t_star, jnp.float32)
-    grad = jax.grad(lambda y: jnp.sum(prm_fn(params, y, t, cond)))(x)
+    grad = jax.grad(lambda y: jnp.sum(prm_fn(params, y, t, cond["text"])))(x)
     unit = _rms_unit(grad)
     rand = _rms_unit(jax.random.normal(key, x.shape, jnp.float32))
     # One ODE batch of the four starts [base | +grad | -grad | random] (4 B samples).
