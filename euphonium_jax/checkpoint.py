@@ -1,23 +1,47 @@
-"""Orbax checkpoints: atomic saves, exact resume, and the small shipped assets.
+"""Orbax checkpoints: atomic, finite, verified saves, exact resume, and the shipped assets.
 
 A stage writes `WORKDIR/<stage>/checkpoints/<step>/` with an orbax `CheckpointManager`
 (atomic: a step directory appears only once complete) and, once finished,
 `WORKDIR/<stage>/final/` holding the arrays later stages need (e.g. EMA parameters) plus a
 `DONE` marker. Restoring goes into abstract targets (`jax.ShapeDtypeStruct`s carrying
 `NamedSharding`s), so each array lands directly on its devices.
+
+Integrity. Nothing non-finite is saved: `save` and `save_final` first run one fused
+all-finite reduction over the state and refuse (naming the leaves) if it fails. After orbax
+has finished a save, process 0 writes `integrity.json` into the saved directory: the size and
+sha256 of every file orbax wrote, for all processes' shards (the files of a multi-host save
+all lie under that directory on the shared filesystem, so one process can digest them; the
+record is written atomically, after the save, so a step without one was cut short). Restoring
+checks the files against the record before orbax reads a byte: a missing, truncated or
+altered file is named, that step is moved to `<stage>/damaged_checkpoints/` and the previous
+kept step is used; with none intact, `CheckpointError`. On several processes process 0
+verifies and broadcasts the step it chose, so all restore the same one.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
+import hashlib
 import json
 import os
+import shutil
+import time
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
 DONE = "DONE"
+INTEGRITY = "integrity.json"
+CONFIG = "config.json"
+# Orbax's own bookkeeping (timestamps), not array data: left out of the digest.
+_UNHASHED = (INTEGRITY, INTEGRITY + ".tmp", "_CHECKPOINT_METADATA")
+
+
+class CheckpointError(RuntimeError):
+  """No intact checkpoint to restore; the message names every damaged one and why."""
 
 
 def manager(directory: str, max_to_keep: int = 2) -> ocp.CheckpointManager:
@@ -33,30 +57,222 @@ def abstract_like(tree: Any) -> Any:
       tree)
 
 
+def step_dir(mgr: ocp.CheckpointManager, step: int) -> str:
+  return os.path.join(str(mgr.directory), str(step))
+
+
+# ---------------------------------------------------------------------------- Finiteness
+
+
+def _inexact(x) -> bool:
+  return hasattr(x, "dtype") and jnp.issubdtype(x.dtype, jnp.inexact)
+
+
+@jax.jit
+def _all_finite(leaves):
+  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))
+
+
+def nonfinite_leaves(tree: Any) -> list[str]:
+  """Paths (`jax.tree_util.keystr`) of the floating leaves holding a NaN or inf.
+
+  One fused reduction and one host read of a scalar when all is finite (the usual case).
+  """
+  named = [(p, x) for p, x in jax.tree_util.tree_leaves_with_path(tree) if _inexact(x)]
+  if not named:
+    return []
+  try:
+    if bool(_all_finite([x for _, x in named])):
+      return []
+  except ValueError:  # Leaves committed to different devices: one reduction each.
+    pass
+  flags = jax.device_get([jnp.all(jnp.isfinite(x)) for _, x in named])
+  return [jax.tree_util.keystr(p) for (p, _), ok in zip(named, flags) if not ok]
+
+
+def _refuse_nonfinite(tree: Any, what: str) -> None:
+  bad = nonfinite_leaves(tree)
+  if bad:
+    shown = ", ".join(bad[:8]) + (f" and {len(bad) - 8} more" if len(bad) > 8 else "")
+    raise FloatingPointError(
+        f"refusing to save {what}: non-finite values in {shown}. Nothing was written; the "
+        "previous checkpoint is kept (a non-finite update should have been skipped: check "
+        "the learning rate, b1/b2 and the loss).")
+
+
+# -------------------------------------------------------------------------------- Digest
+
+
+def _sha256(path: str) -> str:
+  h = hashlib.sha256()
+  with open(path, "rb") as f:
+    for chunk in iter(lambda: f.read(1 << 24), b""):
+      h.update(chunk)
+  return h.hexdigest()
+
+
+def _files(directory: str) -> list[str]:
+  out = []
+  for root, _, names in os.walk(directory):
+    for name in names:
+      rel = os.path.relpath(os.path.join(root, name), directory)
+      if rel not in _UNHASHED:
+        out.append(rel)
+  return sorted(out)
+
+
+def write_digest(directory: str) -> dict:
+  """Writes `directory/integrity.json`: size and sha256 of every file below it (atomically)."""
+  rels = _files(directory)
+  with concurrent.futures.ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:
+    hashes = list(pool.map(lambda r: _sha256(os.path.join(directory, r)), rels))
+  record = {"format": 1, "algorithm": "sha256", "finite": True,
+            "files": {r: [os.path.getsize(os.path.join(directory, r)), h]
+                      for r, h in zip(rels, hashes)}}
+  tmp = os.path.join(directory, INTEGRITY + ".tmp")
+  with open(tmp, "w") as f:
+    json.dump(record, f, indent=1, sort_keys=True)
+    f.flush()
+    os.fsync(f.fileno())
+  os.replace(tmp, os.path.join(directory, INTEGRITY))
+  return record
+
+
+def verify(directory: str) -> str | None:
+  """None when every file of `directory` matches its `integrity.json`, else the problem."""
+  try:
+    with open(os.path.join(directory, INTEGRITY)) as f:
+      files = json.load(f)["files"]
+  except FileNotFoundError:
+    return (f"{INTEGRITY} is missing (the run stopped between writing the checkpoint and its "
+            "digest, or an older version wrote it)")
+  except (ValueError, KeyError, TypeError) as e:
+    return f"{INTEGRITY} is unreadable ({e})"
+  problems, to_hash = [], []
+  for rel, (size, digest) in sorted(files.items()):
+    path = os.path.join(directory, rel)
+    if not os.path.isfile(path):
+      problems.append(f"{rel} is missing")
+    elif os.path.getsize(path) != size:
+      problems.append(f"{rel} has {os.path.getsize(path)} bytes, {size} were saved "
+                      "(truncated or overwritten)")
+    else:
+      to_hash.append((rel, digest))
+  if not problems:
+    with concurrent.futures.ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:
+      got = list(pool.map(lambda r: _sha256(os.path.join(directory, r[0])), to_hash))
+    problems = [f"{rel} differs from what was saved (sha256 mismatch)"
+                for (rel, digest), h in zip(to_hash, got) if h != digest]
+  if not problems:
+    return None
+  return "; ".join(problems[:4]) + (f"; and {len(problems) - 4} more" if len(problems) > 4
+                                    else "")
+
+
+# ------------------------------------------------------------------------- Multi-process
+
+
+def _is_primary() -> bool:
+  return jax.process_index() == 0
+
+
+def _sync(name: str) -> None:
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices(name)
+
+
+def _agree(value: int) -> int:
+  """Process 0's `value` on every process."""
+  if jax.process_count() == 1:
+    return value
+  from jax.experimental import multihost_utils
+  return int(multihost_utils.broadcast_one_to_all(np.int32(value)))
+
+
+# ---------------------------------------------------------------------- Save / restore
+
+
 def save(mgr: ocp.CheckpointManager, step: int, state: Any, force: bool = False) -> None:
-  mgr.save(step, args=ocp.args.StandardSave(state), force=force)
+  """Saves a finite `state` at `step` (else FloatingPointError, nothing written), then its
+  digest."""
+  _refuse_nonfinite(state, f"step {step} to {mgr.directory}")
+  saved = mgr.save(step, args=ocp.args.StandardSave(state), force=force)
   mgr.wait_until_finished()
+  if saved is not False and _is_primary():
+    write_digest(step_dir(mgr, step))
+  _sync(f"euphonium_digest_{step}")
+
+
+def last_intact_step(mgr: ocp.CheckpointManager) -> int | None:
+  """The newest step whose files match their digest (this process's view), or None."""
+  for step in sorted(mgr.all_steps(), reverse=True):
+    if verify(step_dir(mgr, step)) is None:
+      return step
+  return None
 
 
 def restore_latest(mgr: ocp.CheckpointManager, abstract_state: Any) -> tuple[int, Any] | None:
-  """(step, state) of the newest checkpoint, or None when the directory holds none."""
-  step = mgr.latest_step()
-  if step is None:
+  """(step, state) of the newest intact checkpoint, or None when the directory holds none.
+
+  Damaged newer steps are named and moved to `damaged_checkpoints/` beside the directory
+  (they would block saving those steps again); with none intact, CheckpointError.
+  """
+  steps = sorted(mgr.all_steps(), reverse=True)
+  if not steps:
     return None
-  return step, mgr.restore(step, args=ocp.args.StandardRestore(abstract_state))
+  chosen, damaged = -1, []
+  if _is_primary():
+    for step in steps:
+      problem = verify(step_dir(mgr, step))
+      if problem is None:
+        chosen = step
+        break
+      damaged.append((step, problem))
+  chosen = _agree(chosen)
+  if chosen < 0:
+    detail = "; ".join(f"step {s}: {p}" for s, p in damaged) or "see process 0's log"
+    raise CheckpointError(
+        f"no intact checkpoint in {mgr.directory} ({detail}). Move that directory away to "
+        "start the stage afresh, or put back an intact copy.")
+  if damaged:
+    aside = os.path.join(os.path.dirname(str(mgr.directory)), "damaged_checkpoints")
+    os.makedirs(aside, exist_ok=True)
+    for step, problem in damaged:
+      dest = os.path.join(aside, f"{step}-{int(time.time())}")
+      shutil.move(step_dir(mgr, step), dest)
+      print(f"[checkpoint] step {step} in {mgr.directory} is damaged: {problem}; moved to "
+            f"{dest}; using step {chosen}")
+  _sync("euphonium_restore_choice")
+  if chosen != steps[0]:
+    mgr.reload()
+  return chosen, mgr.restore(chosen, args=ocp.args.StandardRestore(abstract_state))
 
 
-def save_final(directory: str, tree: dict[str, Any], info: dict[str, Any]) -> None:
-  """Writes a finished stage's arrays (atomically, via orbax) and then the DONE marker."""
+# ---------------------------------------------------------------------------- Final
+
+
+def save_final(directory: str, tree: dict[str, Any], info: dict[str, Any],
+               config_json: str | None = None) -> None:
+  """Writes a finished stage's finite arrays (atomically, via orbax), their digest, `info`,
+  the run's resolved config (`config_json`, e.g. `config.to_json_best_effort()`) and then
+  the DONE marker."""
   directory = os.path.abspath(directory)
+  _refuse_nonfinite(tree, f"the final arrays to {directory}")
   ckptr = ocp.StandardCheckpointer()
   path = os.path.join(directory, "arrays")
   ckptr.save(path, tree, force=True)
   ckptr.wait_until_finished()
-  with open(os.path.join(directory, "info.json"), "w") as f:
-    json.dump(info, f, indent=2, sort_keys=True, default=_jsonable)
-  with open(os.path.join(directory, DONE), "w") as f:
-    f.write("done\n")
+  if _is_primary():
+    write_digest(path)
+    with open(os.path.join(directory, "info.json"), "w") as f:
+      json.dump(info, f, indent=2, sort_keys=True, default=_jsonable)
+    if config_json is not None:
+      with open(os.path.join(directory, CONFIG), "w") as f:
+        f.write(config_json)
+    with open(os.path.join(directory, DONE), "w") as f:
+      f.write("done\n")
+  _sync("euphonium_save_final")
 
 
 def is_done(directory: str) -> bool:
@@ -64,14 +280,24 @@ def is_done(directory: str) -> bool:
 
 
 def load_final(directory: str, abstract_tree: Any | None = None) -> dict[str, Any]:
-  """Restores `save_final`'s arrays; into `abstract_tree`'s shardings when given."""
+  """Restores `save_final`'s arrays; into `abstract_tree`'s shardings when given.
+
+  Arrays with a digest (all that `save_final` writes) are verified first; the shipped
+  assets predate digests and load unverified.
+  """
   directory = os.path.abspath(directory)
   if not is_done(directory):
     raise FileNotFoundError(
         f"{directory} holds no finished checkpoint (no {DONE} marker): was its stage "
         "interrupted? Re-run that stage or point the config at a finished one.")
-  ckptr = ocp.StandardCheckpointer()
   path = os.path.join(directory, "arrays")
+  if os.path.exists(os.path.join(path, INTEGRITY)):
+    problem = verify(path)
+    if problem is not None:
+      raise CheckpointError(
+          f"{path} is damaged: {problem}. Re-run the stage that wrote it (delete "
+          f"{directory} first) or restore an intact copy.")
+  ckptr = ocp.StandardCheckpointer()
   if abstract_tree is None:
     # Host numpy arrays: readable whatever device topology wrote them (8 forced CPU devices,
     # several processes, one GPU), and placeable by the caller with any sharding.

@@ -1,43 +1,136 @@
 """Metrics (TensorBoard event files + `metrics.jsonl`), videos (GIF, MP4) and contact sheets.
 
 Only process 0 writes. `metrics.jsonl` holds one JSON object per logged step with `stage` and
-`step` keys, so any tool (or `json.loads` per line) can read a run.
+`step` keys, so any tool (or `json.loads` per line) can read a run. A non-finite value is
+written as `null` and named, with its kind, in the row's `nonfinite_values` (e.g.
+`{"loss": "nan"}`); `read_metrics` turns it back into a float. The file holds each logged
+row once however often the stage was interrupted and resumed: a `MetricWriter` replaces the
+rows an interrupted run wrote at the steps it writes again (see `MetricWriter.write`), and a
+torn last line (a kill during a write) is dropped with a warning.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
+import warnings
 from typing import Any, Mapping, Sequence
 
 import jax
 import numpy as np
 
+METRICS = "metrics.jsonl"
+NONFINITE = "nonfinite_values"
+_META = ("stage", "step", "time", NONFINITE)
+
+
+def _parse_lines(path: str) -> tuple[list[tuple[str, dict]], int]:
+  """[(line, row)] of the file's valid rows, and the byte length of its complete lines.
+
+  A torn or unparseable line is dropped with a warning naming the file and the line.
+  """
+  with open(path, "rb") as f:
+    data = f.read()
+  complete = data.rfind(b"\n") + 1
+  if complete < len(data):
+    warnings.warn(f"{path}: dropping a torn last line ({len(data) - complete} bytes without "
+                  "a newline: a run was killed while writing it)")
+  rows = []
+  for i, line in enumerate(data[:complete].decode("utf-8", "replace").splitlines()):
+    if not line.strip():
+      continue
+    try:
+      row = json.loads(line)
+      if not isinstance(row, dict):
+        raise ValueError("not an object")
+    except ValueError as e:
+      warnings.warn(f"{path}: dropping unreadable line {i + 1} ({e})")
+      continue
+    rows.append((line, row))
+  return rows, complete
+
+
+def _keys(row: Mapping[str, Any]) -> frozenset:
+  return frozenset(k for k in row if k not in _META)
+
 
 class MetricWriter:
-  """Writes scalars to TensorBoard (tensorboardX) and to WORKDIR/metrics.jsonl."""
+  """Writes scalars to TensorBoard (tensorboardX) and to WORKDIR/metrics.jsonl.
 
-  def __init__(self, workdir: str, stage: str):
+  `resume_step`: the step the stage resumed from (0 for a fresh start); the stage's rows past
+  it, written by an interrupted run, are removed at once. Without it the same happens lazily,
+  row by row, in `write`.
+  """
+
+  def __init__(self, workdir: str, stage: str, resume_step: int | None = None):
     self.stage = stage
     self.active = jax.process_index() == 0
     self._tb = None
     self._jsonl = None
+    self._old: list[tuple[int, frozenset]] = []  # this stage's rows from earlier runs
+    self.path = os.path.join(workdir, METRICS)
     if self.active:
       os.makedirs(workdir, exist_ok=True)
       from tensorboardX import SummaryWriter
       self._tb = SummaryWriter(os.path.join(workdir, "tensorboard", stage))
-      self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
+      if os.path.exists(self.path):
+        rows, complete = _parse_lines(self.path)
+        if complete < os.path.getsize(self.path):
+          with open(self.path, "r+b") as f:  # the next row must not join the torn one
+            f.truncate(complete)
+        self._old = [(int(r["step"]), _keys(r)) for _, r in rows
+                     if r.get("stage") == stage and "step" in r]
+      self._jsonl = open(self.path, "a")
+      if resume_step is not None:
+        self._drop(lambda step, keys: step > resume_step)
+
+  def _drop(self, stale) -> None:
+    """Rewrites metrics.jsonl (atomically) without this stage's earlier rows `stale(step,
+    keys)` selects."""
+    if not any(stale(s, k) for s, k in self._old):
+      return
+    self._jsonl.close()
+    rows, _ = _parse_lines(self.path)
+    keep = [line for line, r in rows if not (
+        r.get("stage") == self.stage and "step" in r and stale(int(r["step"]), _keys(r)))]
+    tmp = self.path + ".tmp"
+    with open(tmp, "w") as f:
+      f.write("".join(line + "\n" for line in keep))
+      f.flush()
+      os.fsync(f.fileno())
+    os.replace(tmp, self.path)
+    self._old = [(s, k) for s, k in self._old if not stale(s, k)]
+    self._jsonl = open(self.path, "a")
+
+  @property
+  def _last_old(self) -> int:
+    return max((s for s, _ in self._old), default=-1)
 
   def write(self, step: int, metrics: Mapping[str, Any]) -> None:
+    """Appends one row. Rows of this stage that an earlier, interrupted run wrote past
+    `step`, or at `step` with the same metric names, are removed first: a resumed run
+    rewrites them (exact resume), so the file holds each once."""
     if not self.active:
       return
-    row = {"stage": self.stage, "step": int(step), "time": time.time()}
+    step = int(step)
+    row, bad = {"stage": self.stage, "step": step, "time": time.time()}, {}
     for k, v in metrics.items():
       v = float(np.asarray(v))
-      row[k] = v
-      self._tb.add_scalar(f"{self.stage}/{k}", v, int(step))
-    self._jsonl.write(json.dumps(row) + "\n")
+      self._tb.add_scalar(f"{self.stage}/{k}", v, step)
+      if math.isfinite(v):
+        row[k] = v
+      else:
+        row[k], bad[k] = None, repr(v)  # 'nan', 'inf' or '-inf'
+    if bad:
+      row[NONFINITE] = bad
+    if self._old and step > self._last_old:
+      self._old = []  # steps only grow: no earlier row can be rewritten any more
+    if self._old:
+      keys = _keys(row)
+      self._drop(lambda s, k: s > step or (s == step and k == keys))
+    self._jsonl.write(json.dumps(row, allow_nan=False) + "\n")
     self._jsonl.flush()
 
   def close(self) -> None:
@@ -47,12 +140,16 @@ class MetricWriter:
 
 
 def read_metrics(workdir: str, stage: str | None = None) -> list[dict[str, Any]]:
-  path = os.path.join(workdir, "metrics.jsonl")
+  """The rows of WORKDIR/metrics.jsonl (of `stage` when given); null values named in
+  `nonfinite_values` come back as NaN or inf."""
+  path = os.path.join(workdir, METRICS)
   if not os.path.exists(path):
     return []
-  with open(path) as f:
-    rows = [json.loads(line) for line in f if line.strip()]
-  return [r for r in rows if stage is None or r["stage"] == stage]
+  rows = [r for _, r in _parse_lines(path)[0]]
+  for r in rows:
+    for k, v in (r.get(NONFINITE) or {}).items():
+      r[k] = float(v)
+  return [r for r in rows if stage is None or r.get("stage") == stage]
 
 
 def _to_uint8(videos: np.ndarray) -> np.ndarray:

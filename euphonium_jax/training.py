@@ -54,29 +54,41 @@ def place(tree: Any, shardings: Any) -> Any:
 
 
 def all_finite(tree: Any) -> jax.Array:
-  leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]
+  """A bool scalar: every floating leaf of `tree` is free of NaN and inf (traceable)."""
+  leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
+            if jnp.issubdtype(jnp.result_type(x), jnp.inexact)]
   return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
 
 
 def guarded_update(tx: optax.GradientTransformation, grads, loss, params, opt_state):
-  """One optimiser update that a non-finite loss or gradient turns into a no-op.
+  """One optimiser update, kept only if the loss, the gradients, the new parameters and the
+  new optimiser state are all finite: a select inside the jitted step (no host sync), so a
+  NaN from the optimiser itself (b1 = 1, lr = inf, a corrupt moment) is a no-op too.
 
   Returns (params, opt_state, ok) with ok a bool scalar: False means the step was skipped.
   """
   updates, new_opt = tx.update(grads, opt_state, params)
-  ok = all_finite(grads) & jnp.isfinite(loss)
-  params = jax.tree.map(lambda p, u: jnp.where(ok, p + u, p), params, updates)
-  new_opt = jax.tree.map(lambda new, old: jnp.where(ok, new, old), new_opt, opt_state)
-  return params, new_opt, ok
+  new_params = optax.apply_updates(params, updates)
+  ok = (jnp.isfinite(loss) & all_finite(grads) & all_finite(new_params)
+        & all_finite(new_opt))
+  keep = lambda new, old: jnp.where(ok, new, old)
+  return jax.tree.map(keep, new_params, params), jax.tree.map(keep, new_opt, opt_state), ok
 
 
 def resume(mgr, state, stage: str):
-  """The newest checkpoint of `mgr` restored into `state`'s shapes and shardings, or `state`."""
+  """The newest intact checkpoint of `mgr` restored into `state`'s shapes and shardings, or
+  `state` when there is none (damaged newer ones are named and set aside: `checkpoint`)."""
   restored = checkpoint.restore_latest(mgr, checkpoint.abstract_like(state))
   if restored is None:
     return state
   print(f"[{stage}] resumed from step {restored[0]}")
   return restored[1]
+
+
+def last_good_checkpoint(mgr) -> int | None:
+  """The newest step of `mgr` verified now against its digest (it was finite when saved,
+  `checkpoint.save` refuses anything else), or None: what a stop message may name."""
+  return checkpoint.last_intact_step(mgr)
 
 
 def end_of_step(stage: str, done: int, total: int, metrics, state, *, log_every: int,
