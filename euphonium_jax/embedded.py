@@ -119,7 +119,7 @@ def save_final(directory: str, state_params, model_rest, vae, text, summary, con
       "model": {"params": state_params, "rest": model_rest},
       "vae": {"params": vae[1], "rest": vae[2]},
       "text": {"params": text[1], "rest": text[2]},
-  }, summary)
+  }, summary, config_json=config.to_json_best_effort(indent=2))
 
 
 def vae_dir(config, workdir: str) -> str:

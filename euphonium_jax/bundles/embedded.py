@@ -95,7 +95,8 @@ class EmbeddedBundle:
   def save_prm(self, directory: str, prm, text, summary: dict) -> None:
     """The PRM and the text encoder its inputs come from (a self-contained `init.prm`)."""
     checkpoint.save_final(directory, {"prm": {"params": prm[1], "rest": prm[2]},
-                                      "text": {"params": text[1], "rest": text[2]}}, summary)
+                                      "text": {"params": text[1], "rest": text[2]}}, summary,
+                          config_json=self.config.to_json_best_effort(indent=2))
 
   def prm_fn(self, graphdef):
     return embedded.prm_fn(graphdef)

@@ -177,7 +177,8 @@ class WanBundle:
     """The trained parameters (adapters, or the whole transformer) and, with LoRA, the
     adapters as diffusers-loadable safetensors (`lora.safetensors`); VAE and text encoder are
     the published ones (`summary['source']`)."""
-    checkpoint.save_final(directory, {"model": {"params": params}}, summary)
+    checkpoint.save_final(directory, {"model": {"params": params}}, summary,
+                          config_json=self.config.to_json_best_effort(indent=2))
     if self.config.wan.lora_rank:
       tree = jax.tree.map(parallel.to_host, dict(params))
       tree["lora_scale"] = parallel.to_host(model_rest["lora_scale"])
@@ -308,7 +309,8 @@ class WanBundle:
 
   def save_prm(self, directory: str, prm, text, summary: dict) -> None:
     del text  # the published UMT5 of config.wan.path
-    checkpoint.save_final(directory, {"prm": {"params": prm[1], "rest": prm[2]}}, summary)
+    checkpoint.save_final(directory, {"prm": {"params": prm[1], "rest": prm[2]}}, summary,
+                          config_json=self.config.to_json_best_effort(indent=2))
 
   def prm_fn(self, graphdef):
     return wan_prm.make_prm_fn(graphdef)

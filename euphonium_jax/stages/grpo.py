@@ -310,9 +310,10 @@ def prm_dir(config, workdir: str) -> str:
 def _check_nonfinite(state, limit: int, mgr, iteration: int) -> None:
   count = int(state["nonfinite"])
   if count >= limit:
-    latest = mgr.latest_step()
+    good = training.last_good_checkpoint(mgr)
+    where = (f"the last verified checkpoint is iteration {good} in {mgr.directory}"
+             if good is not None else f"there is no verified checkpoint in {mgr.directory} yet")
     raise FloatingPointError(
         f"[grpo] {count} non-finite updates in a row at iteration {iteration + 1} "
-        f"(grpo.max_nonfinite = {limit}): stopping. Parameters were never updated with "
-        f"non-finite values; the last good checkpoint is iteration {latest} in "
-        f"{mgr.directory}.")
+        f"(grpo.max_nonfinite = {limit}): stopping. Skipped updates left the parameters "
+        f"unchanged; {where}.")

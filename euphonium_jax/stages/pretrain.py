@@ -185,7 +185,7 @@ def run(config, workdir: str) -> dict:
       "model": {"params": state["ema"]["model"], "rest": dit_r},
       "text": {"params": state["ema"]["text"], "rest": text_r},
       "vae": {"params": vae_p, "rest": vae_r},
-  }, summary)
+  }, summary, config_json=config.to_json_best_effort(indent=2))
   print("[pretrain] done: " + ", ".join(
       f"{k}={v:.4g}" for k, v in summary.items() if isinstance(v, float)))
   return summary

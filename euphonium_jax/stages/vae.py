@@ -103,7 +103,8 @@ def run(config, workdir: str) -> dict:
   _, params, rest = embedded.split_params(model)
   checkpoint.save_final(os.path.join(out, "final"),
                         {"vae": {"params": params, "rest": rest}},
-                        dict(results, stage="vae", steps=tc.steps))
+                        dict(results, stage="vae", steps=tc.steps),
+                        config_json=config.to_json_best_effort(indent=2))
   print(f"[vae] done: " + ", ".join(f"{k}={v:.4g}" for k, v in results.items()))
   return results
 
