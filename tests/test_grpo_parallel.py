@@ -269,7 +269,7 @@ from euphonium_jax import checkpoint, parallel
 
 _save_final = checkpoint.save_final
 
-def save_final(directory, tree, info):
+def save_final(directory, tree, info, **kwargs):
   if os.path.normpath(directory).endswith(os.path.join("grpo", "final")):
     leaves = [np.asarray(parallel.to_host(a), np.float32)
               for a in jax.tree.leaves(tree["model"]["params"])]
@@ -277,7 +277,7 @@ def save_final(directory, tree, info):
     sumsq = sum(float(np.sum(a.astype(np.float64) ** 2)) for a in leaves)
     print(f"DIGEST process={jax.process_index()} processes={jax.process_count()} "
           f"devices={jax.device_count()} sha={sha} sumsq={sumsq:.12e}", flush=True)
-  return _save_final(directory, tree, info)
+  return _save_final(directory, tree, info, **kwargs)
 
 checkpoint.save_final = save_final
 sys.argv[0] = "euphonium_jax.main"
