@@ -43,6 +43,13 @@ def eval_prompts(config, prompt_set: prompts_lib.PromptSet, key) -> tuple[list, 
   return [prompts[i] for i in idx], [meta[i] for i in idx]
 
 
+def negative_prompts(config, null_prompt: str, metadata) -> list[str]:
+  """CFG's negative prompt of each prompt: its metadata's `negative_prompt`, else
+  `data.negative_prompt`, else the bundle's null prompt."""
+  default = config.data.negative_prompt or null_prompt
+  return [m.get("negative_prompt", default) for m in metadata]
+
+
 @dataclasses.dataclass
 class Generator:
   config: Any
@@ -108,8 +115,8 @@ class Generator:
     """Videos [B, T, H, W, 3] in [0, 1] (and their latents) for `prompts`."""
     cond = {"text": self.text_cond(prompts)}
     if self.cfg_scale != 1.0:
-      negatives = negatives or [self.config.data.negative_prompt or self.nets.null_prompt
-                                ] * len(prompts)
+      negatives = negatives or negative_prompts(self.config, self.nets.null_prompt,
+                                                [{}] * len(prompts))
       cond["negative"] = self.text_cond(negatives)
     params = {"model": self.model[1:], "vae": self.vae[1:]}
     n = len(prompts)
@@ -133,8 +140,7 @@ class Generator:
       prompts = world.captions(np.asarray(attrs))
     negatives = None
     if metadata is not None and self.cfg_scale != 1.0:
-      default = c.data.negative_prompt or self.nets.null_prompt
-      negatives = [m.get("negative_prompt", default) for m in metadata]
+      negatives = negative_prompts(c, self.nets.null_prompt, metadata)
     frames, _ = self.sample(k_sample, prompts, negatives)
     scores = np.asarray(rewards.call(reward_name, jnp.asarray(frames), list(prompts), metadata))
     os.makedirs(outdir, exist_ok=True)

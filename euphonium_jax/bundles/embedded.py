@@ -2,8 +2,6 @@
 (`euphonium_jax/embedded.py` builds and loads them; this class presents them to the stages)."""
 from __future__ import annotations
 
-import functools
-import os
 from typing import Sequence
 
 import jax

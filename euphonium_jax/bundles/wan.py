@@ -191,7 +191,7 @@ class WanBundle:
     if "model" not in tree:
       raise ValueError(f"{directory} holds no trained Wan model (it has {sorted(tree)})")
     try:
-      new = common.match_tree(jax.tree.map(lambda a: a, p), tree["model"]["params"])
+      new = common.match_tree(p, tree["model"]["params"])
     except ValueError as e:
       raise ValueError(f"the model in {directory} does not match config.wan (LoRA rank or "
                        f"targets differ?): {e}") from None
@@ -277,8 +277,7 @@ class WanBundle:
       full = wan_prm.init_from_base(nnx.to_pure_dict(state), base)
       nnx.replace_by_pure_dict(state, full)
       nnx.update(module, state)
-    g, p, r = _split(module, self._prm_filter())
-    return g, p, r
+    return _split(module, self._prm_filter())
 
   def abstract_prm(self):
     return wan_prm.abstract(prm_config(self.config))

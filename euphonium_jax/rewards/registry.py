@@ -14,6 +14,7 @@ import inspect
 from typing import Any, Callable, Sequence
 
 import jax
+import numpy as np
 
 RewardFn = Callable[[jax.Array, Sequence[str]], jax.Array]
 
@@ -68,3 +69,17 @@ def call(name: str, frames, prompts: Sequence[str], metadata: Sequence[dict] | N
   if takes:
     return fn(frames, prompts, metadata=list(metadata) if metadata is not None else None)
   return fn(frames, prompts)
+
+
+def score(name: str, frames, prompts: Sequence[str], metadata: Sequence[dict] | None = None,
+          who: str = "grpo", kind: str = "outcome reward") -> np.ndarray:
+  """`call` checked for a run: float32 `[B]`; a reward that raises or returns another shape
+  stops the run with one error naming it (a run must not go on with a made-up reward)."""
+  try:
+    row = np.asarray(call(name, frames, prompts, metadata), np.float32)
+  except Exception as e:
+    raise RuntimeError(f"[{who}] the {kind} {name!r} raised {type(e).__name__}: {e}") from e
+  if row.shape != (len(prompts),):
+    raise RuntimeError(f"[{who}] the {kind} {name!r} returned shape {row.shape}, expected "
+                       f"({len(prompts)},)")
+  return row

@@ -87,19 +87,11 @@ def run(config, workdir: str) -> dict:
   k_sample = jax.random.split(key)[1]
   negatives = None
   if gen.cfg_scale != 1.0:
-    negatives = [m.get("negative_prompt", config.data.negative_prompt or nets.null_prompt)
-                 for m in meta]
+    negatives = generate.negative_prompts(config, nets.null_prompt, meta)
   frames, _ = gen.sample(k_sample, prompts, negatives)
-  scores = {}
-  for name in names:
-    try:
-      scores[name] = np.asarray(rewards.call(name, jnp.asarray(frames), list(prompts), meta),
-                                np.float64)
-    except Exception as e:  # a failing reward stops the stage with its name
-      raise RuntimeError(f"[evaluate] the reward {name!r} raised {type(e).__name__}: {e}") from e
-    if scores[name].shape != (len(prompts),):
-      raise RuntimeError(f"[evaluate] the reward {name!r} returned shape "
-                         f"{scores[name].shape}, expected ({len(prompts)},)")
+  scores = {name: rewards.score(name, jnp.asarray(frames), list(prompts), meta,
+                               who="evaluate", kind="reward").astype(np.float64)
+            for name in names}
   n = len(prompts)
   summary = {
       "stage": "evaluate", "family": nets.family, "model": source or f"base ({base})",

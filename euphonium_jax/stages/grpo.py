@@ -77,16 +77,7 @@ def score_rewards(names, frames: np.ndarray, prompts, extra: dict[str, np.ndarra
     if name in extra:
       rows.append(np.asarray(extra[name], np.float32))
       continue
-    try:
-      row = np.asarray(rewards.call(name, jnp.asarray(frames), list(prompts), metadata),
-                       np.float32)
-    except Exception as e:  # The run must not go on with a made-up reward.
-      raise RuntimeError(f"[grpo] the outcome reward {name!r} raised {type(e).__name__}: {e}"
-                         ) from e
-    if row.shape != (len(prompts),):
-      raise RuntimeError(f"[grpo] the outcome reward {name!r} returned shape {row.shape}, "
-                         f"expected ({len(prompts)},)")
-    rows.append(row)
+    rows.append(rewards.score(name, jnp.asarray(frames), list(prompts), metadata))
   return np.stack(rows) if rows else np.zeros((0, len(prompts)), np.float32)
 
 
@@ -110,8 +101,7 @@ def cond_table(config, encode, prompts, meta, null_prompt: str) -> dict:
   negative only with CFG: a prompt's `negative_prompt` field, else data.negative_prompt)."""
   table = {"text": encode(prompts)}
   if config.grpo.cfg_scale != 1.0:
-    default = config.data.negative_prompt or null_prompt
-    table["negative"] = encode([m.get("negative_prompt", default) for m in meta])
+    table["negative"] = encode(generate.negative_prompts(config, null_prompt, meta))
   return table
 
 

@@ -102,7 +102,8 @@ def run(config, workdir: str) -> dict:
   # The prompts rollouts may use, indexed by the cached `combo` field: the world's captions
   # in combo order, or the prompt set's train then test prompts.
   if prompt_set.is_world:
-    plist, pmeta = prompt_table.all_captions(), [{}] * len(prompt_table.all_captions())
+    plist = prompt_table.all_captions()
+    pmeta = [{}] * len(plist)
   else:
     plist = list(prompt_set.train + prompt_set.test)
     pmeta = list(prompt_set.train_meta + prompt_set.test_meta)

@@ -16,13 +16,14 @@ adapters plus the pool and head (``trainable_filter(True)``).
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from euphonium_jax.models import layers
+from euphonium_jax.models import prm as models_prm
 from euphonium_jax.models.wan import transformer as wt
 
 TRUNK_KEYS = ('patch_embedding', 'time_embedder', 'time_proj', 'text_embedder', 'blocks')
@@ -120,15 +121,9 @@ def trainable_filter(lora: bool):
                  nnx.All(nnx.Param, nnx.Any(*(nnx.PathContains(k) for k in HEAD_KEYS))))
 
 
-def make_prm_fn(graphdef: nnx.GraphDef, sigmoid: bool = False) -> Callable[..., jax.Array]:
-  """-> prm(state, x_t [B,F',h,w,C], t [B], text dict) -> [B] float32 (a logit, or its
-  sigmoid), differentiable in x_t. ``state``: an nnx.State or a tuple of the pieces of a
-  filtered split, e.g. ``(params, rest)``."""
-  def prm(state, x_t, t, text):
-    parts = state if isinstance(state, (tuple, list)) else (state,)
-    r = nnx.merge(graphdef, *parts)(x_t, t, text)
-    return jax.nn.sigmoid(r) if sigmoid else r
-  return prm
+# prm(state, x_t, t, text) -> [B] float32 (a logit, or its sigmoid), differentiable in x_t:
+# the same adapter as the embedded world's PRM (`state` an nnx.State or the pieces of a split).
+make_prm_fn = models_prm.make_prm_fn
 
 
 # --------------------------------------------------------------------------- Weights
