@@ -121,14 +121,23 @@ def _files(directory: str) -> list[str]:
   return sorted(out)
 
 
-def write_digest(directory: str) -> dict:
-  """Writes `directory/integrity.json`: size and sha256 of every file below it (atomically)."""
+def layout(tree: Any) -> dict[str, list]:
+  """`{keystr: [shape, dtype]}` of a concrete or abstract pytree: what a restore must match."""
+  return {jax.tree_util.keystr(p): [list(x.shape), str(x.dtype)]
+          for p, x in jax.tree_util.tree_leaves_with_path(tree)}
+
+
+def write_digest(directory: str, tree_layout: dict | None = None) -> dict:
+  """Writes `directory/integrity.json`: size and sha256 of every file below it, and the
+  state's `layout` when given (atomically)."""
   rels = _files(directory)
   with concurrent.futures.ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:
     hashes = list(pool.map(lambda r: _sha256(os.path.join(directory, r)), rels))
   record = {"format": 1, "algorithm": "sha256", "finite": True,
             "files": {r: [os.path.getsize(os.path.join(directory, r)), h]
                       for r, h in zip(rels, hashes)}}
+  if tree_layout is not None:
+    record["layout"] = tree_layout
   tmp = os.path.join(directory, INTEGRITY + ".tmp")
   with open(tmp, "w") as f:
     json.dump(record, f, indent=1, sort_keys=True)
@@ -200,7 +209,7 @@ def save(mgr: ocp.CheckpointManager, step: int, state: Any, force: bool = False)
   saved = mgr.save(step, args=ocp.args.StandardSave(state), force=force)
   mgr.wait_until_finished()
   if saved is not False and _is_primary():
-    write_digest(step_dir(mgr, step))
+    write_digest(step_dir(mgr, step), layout(state))
   _sync(f"euphonium_digest_{step}")
 
 
@@ -212,11 +221,15 @@ def last_intact_step(mgr: ocp.CheckpointManager) -> int | None:
   return None
 
 
-def restore_latest(mgr: ocp.CheckpointManager, abstract_state: Any) -> tuple[int, Any] | None:
+def restore_latest(mgr: ocp.CheckpointManager, abstract_state: Any,
+                   layout_hints: dict[str, str] | None = None) -> tuple[int, Any] | None:
   """(step, state) of the newest intact checkpoint, or None when the directory holds none.
 
   Damaged newer steps are named and moved to `damaged_checkpoints/` beside the directory
-  (they would block saving those steps again); with none intact, CheckpointError.
+  (they would block saving those steps again); with none intact, CheckpointError. A chosen
+  step whose arrays differ from `abstract_state` in names, shapes or dtypes is a
+  CheckpointError naming them and, through `layout_hints` (top-level key -> the setting that
+  makes it), what changed the layout.
   """
   steps = sorted(mgr.all_steps(), reverse=True)
   if not steps:
@@ -244,9 +257,50 @@ def restore_latest(mgr: ocp.CheckpointManager, abstract_state: Any) -> tuple[int
       print(f"[checkpoint] step {step} in {mgr.directory} is damaged: {problem}; moved to "
             f"{dest}; using step {chosen}")
   _sync("euphonium_restore_choice")
+  if abstract_state is not None:
+    _check_layout(step_dir(mgr, chosen), abstract_state, layout_hints or {})
   if chosen != steps[0]:
     mgr.reload()
   return chosen, mgr.restore(chosen, args=ocp.args.StandardRestore(abstract_state))
+
+
+def _check_layout(directory: str, abstract_state: Any, hints: dict[str, str]) -> None:
+  """CheckpointError when the saved state's arrays (names, shapes, dtypes) differ from what
+  this run builds: one message naming the differences, the settings that decide them
+  (`hints`: top-level state key -> setting) and what to do. Records without a layout
+  (written before it was kept) are not checked here; orbax's restore then decides."""
+  try:
+    with open(os.path.join(directory, INTEGRITY)) as f:
+      saved = json.load(f).get("layout")
+  except (OSError, ValueError):
+    return
+  if saved is None:
+    return
+  want = layout(abstract_state)
+  missing = [k for k in want if k not in saved]
+  extra = [k for k in saved if k not in want]
+  changed = [k for k in want if k in saved and want[k] != saved[k]]
+  if not (missing or extra or changed):
+    return
+  top = lambda k: k.split("]")[0].strip("[]'\"") if k.startswith("[") else k
+  parts, settings = [], []
+  for label, keys in (("arrays this run needs but the checkpoint lacks", missing),
+                      ("arrays in the checkpoint this run does not build", extra)):
+    if keys:
+      groups = sorted({top(k) for k in keys})
+      parts.append(f"{label}: {len(keys)} under {', '.join(repr(g) for g in groups)}")
+      settings += [hints[g] for g in groups if g in hints]
+  for k in changed[:4]:
+    parts.append(f"{k} was saved as {saved[k][1]}{tuple(saved[k][0])}, this run builds "
+                 f"{want[k][1]}{tuple(want[k][0])}")
+  if len(changed) > 4:
+    parts.append(f"and {len(changed) - 4} more arrays of another shape or dtype")
+  why = (f" The setting that decides this: {'; '.join(dict.fromkeys(settings))}." if settings
+         else " A model, LoRA or optimiser setting differs from the run that saved it.")
+  raise CheckpointError(
+      f"the checkpoint {directory} holds a differently laid-out state: {'; '.join(parts)}."
+      f"{why} Resume with the settings of the run that saved it (runs.jsonl in the workdir "
+      "records each run's config), or start this configuration in a new workdir.")
 
 
 # ---------------------------------------------------------------------------- Final

@@ -75,10 +75,11 @@ def guarded_update(tx: optax.GradientTransformation, grads, loss, params, opt_st
   return jax.tree.map(keep, new_params, params), jax.tree.map(keep, new_opt, opt_state), ok
 
 
-def resume(mgr, state, stage: str):
+def resume(mgr, state, stage: str, layout_hints: dict[str, str] | None = None):
   """The newest intact checkpoint of `mgr` restored into `state`'s shapes and shardings, or
-  `state` when there is none (damaged newer ones are named and set aside: `checkpoint`)."""
-  restored = checkpoint.restore_latest(mgr, checkpoint.abstract_like(state))
+  `state` when there is none (damaged newer ones are named and set aside; a checkpoint of
+  another layout is refused naming the setting from `layout_hints`: `checkpoint`)."""
+  restored = checkpoint.restore_latest(mgr, checkpoint.abstract_like(state), layout_hints)
   if restored is None:
     return state
   print(f"[{stage}] resumed from step {restored[0]}")

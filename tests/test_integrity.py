@@ -145,6 +145,32 @@ def test_no_intact_checkpoint_is_one_clear_error(tmp_path):
   assert mgr.all_steps() == [1, 2]  # nothing moved: the user decides
 
 
+def test_resume_with_another_state_layout_names_the_setting(tmp_path):
+  """Item 8: kl_coef switched 0 -> 0.01 (the state gains 'ref'), EMA switched off (it loses
+  'ema'), a parameter of another shape: one CheckpointError naming arrays and settings."""
+  from euphonium_jax.stages import grpo as grpo_stage
+  mgr = _saved(tmp_path, steps=(1,))
+  with_ref = {**tiny_state(), "ref": tiny_state()["params"]}
+  with pytest.raises(checkpoint.CheckpointError,
+                     match=r"lacks: 2 under 'ref'.*grpo.kl_coef > 0.*new workdir"):
+    checkpoint.restore_latest(mgr, checkpoint.abstract_like(with_ref),
+                              grpo_stage.LAYOUT_HINTS)
+  grown = tiny_state()
+  grown["params"]["b"] = jnp.zeros((5,))
+  with pytest.raises(checkpoint.CheckpointError,
+                     match=r"\['params'\]\['b'\] was saved as float32\(96,\), this run builds "
+                           r"float32\(5,\)"):
+    checkpoint.restore_latest(mgr, checkpoint.abstract_like(grown), grpo_stage.LAYOUT_HINTS)
+  mgr2 = checkpoint.manager(str(tmp_path / "other" / "checkpoints"))
+  checkpoint.save(mgr2, 1, {**tiny_state(), "ema": tiny_state()["params"]})
+  with pytest.raises(checkpoint.CheckpointError, match=r"does not build: 2 under 'ema'.*"
+                                                       r"grpo.ema_decay > 0"):
+    checkpoint.restore_latest(mgr2, checkpoint.abstract_like(tiny_state()),
+                              grpo_stage.LAYOUT_HINTS)
+  step, state = checkpoint.restore_latest(mgr, checkpoint.abstract_like(tiny_state()))
+  assert step == 1 and int(state["step"]) == 1
+
+
 def test_digest_survives_restore_and_later_saves(tmp_path):
   mgr = _saved(tmp_path, steps=(1, 2))
   checkpoint.restore_latest(mgr, None)

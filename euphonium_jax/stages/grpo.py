@@ -61,6 +61,15 @@ from euphonium_jax.rl import grpo
 PRM_FINAL = policy_lib.PRM_FINAL
 
 
+# The settings that decide which arrays the state holds (named when a resume finds another).
+LAYOUT_HINTS = {
+    "ref": "grpo.kl_coef > 0 keeps a KL reference copy of the parameters (state 'ref')",
+    "ema": "grpo.ema_decay > 0 keeps an EMA of the parameters (state 'ema')",
+    "params": "the trained parameters: the model, or wan.lora_rank / wan.lora_targets",
+    "opt": "the optimiser state follows the trained parameters (wan.lora_rank / lora_targets)",
+}
+
+
 def stage_dir(workdir: str) -> str:
   return os.path.join(workdir, "grpo")
 
@@ -162,7 +171,7 @@ def run(config, workdir: str) -> dict:
 
   # --------------------------------------------------------------------- Resume
   mgr = checkpoint.manager(os.path.join(out, "checkpoints"))
-  state = training.resume(mgr, state, "grpo")
+  state = training.resume(mgr, state, "grpo", LAYOUT_HINTS)
   writer = report.MetricWriter(workdir, "grpo")
   start = int(state["step"])
   if start == 0:
