@@ -80,8 +80,9 @@ def validate_model_configs(cfg: ml_collections.ConfigDict) -> None:
   layers.remat_policy(model.remat)
   _require(model.pos_embed in ('sincos', 'learned'), 'model.pos_embed', model.pos_embed,
            "allowed: 'sincos', 'learned'")
-  _require(model.attention_impl in ('xla', 'cudnn', 'auto', None), 'model.attention_impl',
-           model.attention_impl, "allowed: 'xla', 'cudnn', 'auto'")
+  _require(model.attention_impl in ('xla', 'cudnn', 'auto', 'blocked', None),
+           'model.attention_impl', model.attention_impl,
+           "allowed: 'xla', 'cudnn', 'auto', 'blocked'")
 
 
 def make_vae(cfg: ml_collections.ConfigDict, rngs: nnx.Rngs) -> VideoVAE:

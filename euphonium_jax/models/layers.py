@@ -125,17 +125,72 @@ def rms_norm(dim: int, *, rngs: nnx.Rngs, name: str = 'embed') -> nnx.RMSNorm:
       rngs=rngs)
 
 
+ATTENTION_IMPLS = ('xla', 'cudnn', 'blocked', 'auto', None)
+QUERY_BLOCK = 128  # queries per block of the 'blocked' attention (measured on XLA:CPU)
+
+
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, key_mask: jax.Array | None,
               impl: str | None, dtype) -> jax.Array:
   """Multi-head attention. q [B,Lq,N,H], k/v [B,Lk,N,H], key_mask [B,Lk] -> [B,Lq,N,H].
 
-  Inputs are cast to ``dtype``; ``impl`` goes to ``jax.nn.dot_product_attention``
-  ('xla' | 'cudnn' | None for JAX's choice). Output is float32.
+  Inputs are cast to ``dtype``. ``impl``: 'xla' | 'cudnn' go to
+  ``jax.nn.dot_product_attention``; 'blocked' is ``blocked_attention`` (the fast one on
+  XLA:CPU); 'auto' or None picks 'blocked' when the default backend is CPU and JAX's choice
+  otherwise (cuDNN on a GPU where it applies). Output is float32.
   """
-  mask = None if key_mask is None else key_mask.astype(bool)[:, None, None, :]
+  if impl not in ATTENTION_IMPLS:
+    raise ValueError(f'attention impl={impl!r} is not supported; allowed: {ATTENTION_IMPLS}')
+  if impl in ('auto', None):
+    impl = 'blocked' if jax.default_backend() == 'cpu' else None
   q, k, v = (a.astype(dtype) for a in (q, k, v))
+  if impl == 'blocked':
+    return blocked_attention(q, k, v, key_mask)
+  mask = None if key_mask is None else key_mask.astype(bool)[:, None, None, :]
   out = jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=impl)
   return out.astype(jnp.float32)
+
+
+def _attention_block(q, k, v, bias):
+  """softmax(q k^T / sqrt(H) + bias) v for heads-first q [B,N,bq,H], k/v [B,N,Lk,H], bias
+  [B,1,1,Lk] or None -> [B,N,bq,H] float32; logits and softmax in float32."""
+  low = q.dtype != jnp.float32
+  prec = dict(preferred_element_type=jnp.float32) if low else {}
+  s = jnp.einsum('bnqh,bnkh->bnqk', q, k, **prec) * (1.0 / math.sqrt(q.shape[-1]))
+  if bias is not None:
+    s = jnp.where(bias, s, _MASKED)
+  p = jax.nn.softmax(s.astype(jnp.float32), axis=-1)
+  return jnp.einsum('bnqk,bnkh->bnqh', p.astype(v.dtype), v, **prec).astype(jnp.float32)
+
+
+# What jax.nn.dot_product_attention puts at masked logits (a row with no key left then
+# averages all keys, as there).
+_MASKED = -0.7 * float(jnp.finfo(jnp.float32).max)
+
+
+def blocked_attention(q: jax.Array, k: jax.Array, v: jax.Array, key_mask: jax.Array | None,
+                      block: int = QUERY_BLOCK) -> jax.Array:
+  """Exact attention, heads-first and one block of ``block`` queries at a time (``lax.map``).
+
+  q [B,Lq,N,H], k/v [B,Lk,N,H], key_mask [B,Lk] (True = attend) -> [B,Lq,N,H] float32. Each
+  query's softmax is over all keys, so blocking the queries changes nothing but the size of
+  the logits in flight ([B,N,block,Lk] instead of [B,N,Lq,Lk]): on XLA:CPU at [8,768,8,64]
+  this and the heads-first layout took the forward from 3.5x torch's fused attention (1
+  thread) to 1.6-2.1x and the gradient from 2.4x to 1.5x (2 loaded EPYC cores). Each block is
+  rematerialised in the backward pass (``jax.checkpoint``): the probabilities are never
+  stored. Queries are zero-padded to a multiple of ``block`` and the padding dropped.
+  """
+  b, lq, n, h = q.shape
+  bias = None if key_mask is None else key_mask.astype(bool)[:, None, None, :]
+  q, k, v = (a.transpose(0, 2, 1, 3) for a in (q, k, v))
+  one = jax.checkpoint(_attention_block)
+  if lq <= block:
+    return one(q, k, v, bias).transpose(0, 2, 1, 3)
+  nb = -(-lq // block)
+  q = jnp.pad(q, ((0, 0), (0, 0), (0, nb * block - lq), (0, 0)))
+  qb = q.reshape(b, n, nb, block, h).transpose(2, 0, 1, 3, 4)
+  out = jax.lax.map(lambda qi: one(qi, k, v, bias), qb)  # [nb, B, N, block, H]
+  out = out.transpose(1, 0, 3, 2, 4).reshape(b, nb * block, n, h)
+  return out[:, :lq]
 
 
 def sincos_1d(pos: jax.Array, dim: int, max_period: float = 10000.0) -> jax.Array:

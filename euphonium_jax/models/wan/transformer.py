@@ -18,7 +18,9 @@ time embedding, ``proj_out`` and unpatchify.
 
 Blocks are built stacked (``nnx.vmap``, leading axis named 'layers') and applied with
 ``jax.lax.scan``; ``remat`` picks a checkpoint policy (``layers.remat_policy``). Attention runs
-through ``jax.nn.dot_product_attention`` with ``attention_impl`` ('xla' | 'cudnn' | None).
+through ``layers.attention`` with ``attention_impl``: 'auto' (the default) is the query-blocked,
+heads-first attention on CPU and JAX's choice (cuDNN) on a GPU; 'xla' | 'cudnn' | 'blocked'
+force one.
 """
 from __future__ import annotations
 
@@ -51,10 +53,10 @@ class WanConfig:
   eps: float = 1e-6
   rope_max_seq_len: int = 1024
   # Ours: matmul dtype ('float32' | 'bfloat16', float32 accumulation), remat policy name,
-  # attention implementation.
+  # attention implementation (layers.ATTENTION_IMPLS; 'auto': blocked on CPU, cuDNN on GPU).
   dtype: str = 'float32'
   remat: str = 'none'
-  attention_impl: str | None = 'xla'
+  attention_impl: str | None = 'auto'
   # LoRA adapters (rank 0 = none) on the named projections of every block (diffusers/peft
   # names: to_q, to_k, to_v, to_out.0 of both attentions; ffn.net.0.proj, ffn.net.2).
   lora_rank: int = 0
