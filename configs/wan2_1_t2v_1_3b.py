@@ -30,7 +30,8 @@ config), and why:
   evaluations and checkpoints; here grpo.ema_decay = 0.987 = 0.9 ** (1 / 8) per step, used by
   the evaluations and the final model.
 - The reward is `grpo.rewards`: JPEG compressibility by default (a pixel reward that needs no
-  weights); learned rewards (PickScore, HPS, CLIPScore, VLM judges) are not in the project yet.
+  weights); `:pickscore_aesthetic` trains against PickScore and the LAION aesthetic score
+  (on-device CLIP rewards, euphonium_jax/rewards/clip.py; folders by path).
 - `:euphonium` guides the last 5 of the 20 steps (the reference guides 12-15 of 16) with the
   reference's raw PRM gradient scale, and uses both advantages.
 Memory per device: experiments/wan_memory.py.
@@ -40,7 +41,7 @@ from euphonium_jax import config as config_lib
 from euphonium_jax.sampling import schedules
 
 TRAIN_STEPS, EVAL_STEPS, FLOW_SHIFT = 20, 50, 3.0
-METHODS = ("flow_grpo", "euphonium", "prm", "evaluate")
+METHODS = ("flow_grpo", "euphonium", "prm", "evaluate", "pickscore_aesthetic")
 
 
 def get_config(method: str = "flow_grpo"):
@@ -48,11 +49,11 @@ def get_config(method: str = "flow_grpo"):
     raise ValueError(f"configs/wan2_1_t2v_1_3b.py:{method}: choose one of {METHODS}")
   config = config_lib.get_default_config()
   config.stages = {"flow_grpo": ("grpo",), "euphonium": ("grpo",), "prm": ("prm",),
-                   "evaluate": ("evaluate",)}[method]
+                   "evaluate": ("evaluate",), "pickscore_aesthetic": ("grpo",)}[method]
   config.model_family = "wan"
   config.wan.update(path="", frames=33, height=240, width=416, max_text_length=512,
                     param_dtype="bfloat16", dtype="bfloat16", remat="full",
-                    attention_impl="xla", lora_rank=32, lora_alpha=64.0,
+                    attention_impl="auto", lora_rank=32, lora_alpha=64.0,
                     lora_targets=("to_q", "to_k", "to_v", "to_out.0"))
   config.mesh.update(shape=(1, -1), axes=("data", "fsdp"))  # FSDP over every device
   grid = tuple(float(t) for t in schedules.unipc_flow_grid(TRAIN_STEPS, FLOW_SHIFT))
@@ -73,6 +74,8 @@ def get_config(method: str = "flow_grpo"):
                      rewards=(("jpeg_compressibility", 1.0),),
                      advantage_mode="both" if method == "euphonium" else "none",
                      eval_every=25, ckpt_every=10)
+  if method == "pickscore_aesthetic":
+    pickscore_aesthetic(config)
   # The PRM (`:prm`): the transformer's first 4 blocks with LoRA, on 512 prompts x 4 rollouts
   # of the base model, scored by the first reward.
   config.prm.update(depth=4, num_queries=8, head_width=256, lora_rank=16, lora_alpha=16.0,
@@ -81,3 +84,26 @@ def get_config(method: str = "flow_grpo"):
   config.prm.data.update(num_prompts=512, group_size=4, chunk_prompts=4, sampler="flow_grpo_wan",
                          num_steps=TRAIN_STEPS, shift=FLOW_SHIFT, cfg_scale=4.5)
   return config
+
+
+def pickscore_aesthetic(config):
+  """`:pickscore_aesthetic`: Flow-GRPO's recipe against learned rewards on decoded frames,
+  the peers' multi-reward setting: PickScore (weight 1; its `pickscore.path` is a
+  transformers folder of yuvalkirstain/PickScore_v1 with the tokenizer and processor of
+  laion/CLIP-ViT-H-14-laion2B-s32B-b79K) on every 4th of the 33 frames, plus the LAION
+  aesthetic score (weight 0.5; `aesthetic.path` a folder of openai/clip-vit-large-patch14,
+  `aesthetic.head` the head converted by tools/convert_aesthetic.py) on the first frame. Each
+  is group-normalised on its own, so the weights set their shares of the advantage. Scored on
+  the device, 8 images per forward pass.
+
+    python -m euphonium_jax.main --config configs/wan2_1_t2v_1_3b.py:pickscore_aesthetic \
+        --workdir DIR --config.wan.path=... --config.data.prompts=prompts.txt \
+        --config.rewards.pickscore.path=/path/to/PickScore_v1 \
+        --config.rewards.aesthetic.path=/path/to/clip-vit-large-patch14 \
+        --config.rewards.aesthetic.head=/path/to/aesthetic.safetensors
+  """
+  config.grpo.rewards = (("pickscore", 1.0), ("aesthetic", 0.5))
+  config.rewards.pickscore.update(path="", frames="every", every=4, batch_size=8)
+  config.rewards.aesthetic.update(path="", head="", frames="first", batch_size=8)
+  return config
+

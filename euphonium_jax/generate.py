@@ -130,9 +130,10 @@ class Generator:
     return parallel.to_host(frames)[:n], parallel.to_host(latents)[:n]
 
   def evaluate(self, key, outdir: str, name: str, prompts: Sequence[str] | None = None,
-               reward_name: str = "shapes_fidelity", metadata: Sequence[dict] | None = None
-               ) -> dict[str, Any]:
-    """Samples held-out prompts, scores them, writes a GIF/MP4 grid and a contact sheet."""
+               reward_name: str | Callable = "shapes_fidelity",
+               metadata: Sequence[dict] | None = None) -> dict[str, Any]:
+    """Samples held-out prompts, scores them, writes a GIF/MP4 grid and a contact sheet.
+    `reward_name`: a plain reward's name or a built reward (`registry.build`)."""
     c = self.config
     k_prompts, k_sample = jax.random.split(key)
     if prompts is None:
@@ -142,7 +143,8 @@ class Generator:
     if metadata is not None and self.cfg_scale != 1.0:
       negatives = negative_prompts(c, self.nets.null_prompt, metadata)
     frames, _ = self.sample(k_sample, prompts, negatives)
-    scores = np.asarray(rewards.call(reward_name, jnp.asarray(frames), list(prompts), metadata))
+    scores = rewards.score(reward_name, jnp.asarray(frames), list(prompts), metadata,
+                           who="eval", kind="evaluation reward")
     os.makedirs(outdir, exist_ok=True)
     k = min(c.eval.num_videos, len(prompts))
     stem = os.path.join(outdir, name)

@@ -19,7 +19,6 @@ import json
 import os
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from euphonium_jax import bundles, checkpoint, generate, parallel, paths, report, sampling
@@ -84,14 +83,14 @@ def run(config, workdir: str) -> dict:
                            sampler=sampler(config))
 
   names = reward_names(config)
+  built = rewards.build_many(names, config.rewards)  # once, before anything compiles
   k_sample = jax.random.split(key)[1]
   negatives = None
   if gen.cfg_scale != 1.0:
     negatives = generate.negative_prompts(config, nets.null_prompt, meta)
   frames, _ = gen.sample(k_sample, prompts, negatives)
-  scores = {name: rewards.score(name, jnp.asarray(frames), list(prompts), meta,
-                               who="evaluate", kind="reward").astype(np.float64)
-            for name in names}
+  scores = {name: v.astype(np.float64) for name, v in rewards.score_many(
+      built, frames, list(prompts), meta, who="evaluate", kind="reward").items()}
   n = len(prompts)
   summary = {
       "stage": "evaluate", "family": nets.family, "model": source or f"base ({base})",
