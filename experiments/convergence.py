@@ -1,10 +1,11 @@
-r"""Convergence study: Euphonium against DanceGRPO and Flow-GRPO, with ablations.
+r"""Convergence study: Euphonium against DanceGRPO, Flow-GRPO, Flow-GRPO-Fast and MixGRPO, with
+ablations.
 
   python experiments/convergence.py                  # the full study (87 min on 2 CPU cores)
-  python experiments/convergence.py --quick          # the three methods, 1 seed (~10 min)
+  python experiments/convergence.py --quick          # the five methods, 1 seed
 
 Every run is `python -m euphonium_jax.main` on one of the method configs
-(configs/euphonium.py, dance_grpo.py, flow_grpo.py) with overrides, in its own workdir under
+(configs/euphonium.py, dance_grpo.py, flow_grpo.py, flow_grpo_fast.py, mix_grpo.py) with overrides, in its own workdir under
 `--workdir`; a finished run is skipped and an interrupted one resumes (the grpo stage's own
 checkpoints), so the study is resumable run by run. All runs share the base model, the
 prompts of iteration i (a function of (seed, i)) and the budget; evaluation is the stage's:
@@ -37,6 +38,8 @@ METHODS = {
     "euphonium": ("configs/euphonium.py", {}),
     "dance_grpo": ("configs/dance_grpo.py", {}),
     "flow_grpo": ("configs/flow_grpo.py", {}),
+    "flow_grpo_fast": ("configs/flow_grpo_fast.py", {}),  # SDE on 2 random steps, ODE elsewhere
+    "mix_grpo": ("configs/mix_grpo.py", {}),  # a sliding 4-step SDE window, ODE elsewhere
 }
 # Ablations of Euphonium (configs/euphonium.py: PRM-guided constant-noise SDE, outcome + process
 # advantage with the process reward = change of the PRM score across the step, no distillation).
@@ -248,7 +251,7 @@ def main() -> None:
                  help="grpo.prompts_per_iteration (and samples_per_update = prompts x 8) for "
                       "every run; 0 = the configs' own")
   p.add_argument("--quick", action="store_true",
-                 help="the three methods only, 1 seed, 6 iterations, evaluation every 3 on 64 "
+                 help="the five methods only, 1 seed, 6 iterations, evaluation every 3 on 64 "
                       "prompts (~10 minutes on 2 cores)")
   p.add_argument("--no_ablations", action="store_true")
   args = p.parse_args()

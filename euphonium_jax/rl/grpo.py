@@ -19,7 +19,9 @@ Standard deviations are unbiased (`adv_std = 'sample'`, ddof = 1) and `adv_eps =
 default (DESIGN.md); Flow-GRPO uses the population std (ddof = 0) + 1e-4. A group whose
 rewards are all equal gets advantage 0 exactly (its deviations are only rounding error, which
 a small eps would blow up). The networks of step k are evaluated at `arrs.t_model[k]` (t_k, or
-Wan's truncated integer timestep), the kernel at t_k.
+Wan's truncated integer timestep), the kernel at t_k. With an SDE window (Flow-GRPO-Fast,
+MixGRPO) only the window's steps are SDE steps: `select_steps` draws among them (`mask`) and
+`Batch.sde_mask` keeps any other step out of the loss.
 """
 
 from __future__ import annotations
@@ -151,26 +153,45 @@ def distillation(mean_theta: jax.Array, mean_guided: jax.Array, t, t_next, g) ->
 # ---------------------------------------------------------------------------- Transitions
 
 
-def num_trained_steps(num_steps: int, fraction: float) -> int:
-  """How many of the N - 1 trainable transitions each sample trains: `int(fraction (N - 1))`,
-  at least 1 (the last transition, N - 1, is never trained)."""
-  return max(1, int(fraction * (num_steps - 1) + 1e-9))
+def num_trained_steps(num_steps: int, fraction: float, trainable: int | None = None) -> int:
+  """How many transitions each sample trains: `int(fraction * trainable)`, at least 1, of its
+  `trainable` SDE steps among 0 .. N - 2 (default N - 1: every step but the last, N - 1, which
+  is never trained; with an SDE window, `sampling.trainable_per_sample`)."""
+  trainable = num_steps - 1 if trainable is None else trainable
+  return max(1, int(fraction * trainable + 1e-9))
 
 
 def select_steps(key: jax.Array, batch: int, num_steps: int, fraction: float,
-                 selection: str = "random") -> jax.Array:
+                 selection: str = "random", mask: jax.Array | None = None,
+                 trainable: int | None = None) -> jax.Array:
   """`[B, K]` int32 trained transitions per sample, from the trainable steps 0 .. N - 2:
   `random`: the first K entries of the sample's own random permutation (DESIGN.md);
-  `first`: 0 .. K - 1 in order for every sample (Flow-GRPO's; `key` unused)."""
-  k = num_trained_steps(num_steps, fraction)
-  if selection == "first":
-    return jnp.broadcast_to(jnp.arange(k, dtype=jnp.int32), (batch, k))
-  if selection != "random":
+  `first`: 0 .. K - 1 in order for every sample (Flow-GRPO's; `key` unused).
+
+  `mask` `[B, N]` bool (a windowed rollout's `sde_mask`) restricts both to each sample's SDE
+  steps: `random` keeps the permutation's order among them (a uniform subset; with an all-True
+  mask exactly the unmasked selection), `first` takes them in order. Every sample must have at
+  least `trainable` of them (K = `num_trained_steps(num_steps, fraction, trainable)`); ODE steps
+  are never selected. Jittable (`batch`, `num_steps`, `fraction`, `trainable` static)."""
+  k = num_trained_steps(num_steps, fraction, trainable)
+  if selection not in STEP_SELECTIONS:
     raise ValueError(f"grpo.step_selection = {selection!r} is not allowed: choose one of "
                      + ", ".join(STEP_SELECTIONS))
-  keys = jax.random.split(key, batch)
-  perm = jax.vmap(lambda kk: jax.random.permutation(kk, num_steps - 1))(keys)
-  return perm[:, :k].astype(jnp.int32)
+  if mask is None:
+    if selection == "first":
+      return jnp.broadcast_to(jnp.arange(k, dtype=jnp.int32), (batch, k))
+    keys = jax.random.split(key, batch)
+    perm = jax.vmap(lambda kk: jax.random.permutation(kk, num_steps - 1))(keys)
+    return perm[:, :k].astype(jnp.int32)
+  ok = jnp.asarray(mask, bool)[:, :num_steps - 1]  # the last transition is never trained
+  if selection == "first":
+    order = jnp.broadcast_to(jnp.arange(num_steps - 1, dtype=jnp.int32), (batch, num_steps - 1))
+  else:
+    keys = jax.random.split(key, batch)
+    order = jax.vmap(lambda kk: jax.random.permutation(kk, num_steps - 1))(keys)
+  on = jnp.take_along_axis(ok, order, axis=1)
+  first_sde = jnp.argsort(~on, axis=1, stable=True)  # SDE steps first, in `order`'s order
+  return jnp.take_along_axis(order, first_sde, axis=1)[:, :k].astype(jnp.int32)
 
 
 # ----------------------------------------------------------------------------- Update
@@ -195,7 +216,9 @@ class Batch(NamedTuple):
   `[M, N]`, steps `[M, K]` (trained transitions), cond: text pytree `[M, ...]`,
   means_guided `[M, N, ...]` (the rollout's guided means; needed for D_k and for
   guided-mean log-probs, else None), guidance `[M, N, ...]` (mu^G - mu at the rollout;
-  needed for guided-mean log-probs, else None).
+  needed for guided-mean log-probs, else None), sde_mask `[M, N]` bool (a windowed rollout's
+  SDE steps, else None): a transition off it (an ODE step) contributes nothing to the loss,
+  its gradient or the metrics' numerators (ratio 1, advantage 0).
   """
   latents: jax.Array
   logprobs: jax.Array
@@ -205,6 +228,7 @@ class Batch(NamedTuple):
   cond: Any
   means_guided: Optional[jax.Array] = None
   guidance: Optional[jax.Array] = None
+  sde_mask: Optional[jax.Array] = None
 
 
 def _take(a: jax.Array, idx: jax.Array) -> jax.Array:
@@ -228,31 +252,38 @@ def transition_loss(params, ref_params, batch: Batch, col: int | jax.Array, velo
     shift = _take(batch.guidance, s)
   lp = sampling.step_logprob(x_k, x_next, v, t, t_next, g, guidance_term=shift)
   old = jnp.take_along_axis(batch.logprobs, s[:, None], axis=1)[:, 0]
-  ratio = jnp.exp(lp - old)
+  if batch.sde_mask is None:
+    log_ratio = lp - old
+    on = lambda a: a
+  else:  # an ODE step of a windowed rollout: ratio 1, advantage 0, no KL or distillation
+    sde = jnp.take_along_axis(batch.sde_mask, s[:, None], axis=1)[:, 0]
+    log_ratio = jnp.where(sde, lp - old, 0.0)
+    on = lambda a: jnp.where(sde, a, 0.0)
+  ratio = jnp.exp(log_ratio)
   zero = jnp.zeros((), jnp.float32)
   policy = zero
   if hp.mode in ("none", "both"):
     for i, w in enumerate(hp.outcome_weights):
-      policy = policy + hp.outcome_coef * w * clipped_loss(ratio, batch.adv_outcome[:, i],
+      policy = policy + hp.outcome_coef * w * clipped_loss(ratio, on(batch.adv_outcome[:, i]),
                                                            hp.clip_range)
   if hp.mode in ("only", "both"):
     adv_p = jnp.take_along_axis(batch.adv_process, s[:, None], axis=1)[:, 0]
-    policy = policy + hp.process_coef * clipped_loss(ratio, adv_p, hp.clip_range)
+    policy = policy + hp.process_coef * clipped_loss(ratio, on(adv_p), hp.clip_range)
   kl = zero
   if hp.kl_coef > 0:
     v_ref = jax.lax.stop_gradient(velocity_fn(ref_params, x_k, t_net, batch.cond))
-    kl = jnp.mean(kernel_kl(v, v_ref, t, t_next, g))
+    kl = jnp.mean(on(kernel_kl(v, v_ref, t, t_next, g)))
   dist = zero
   if hp.distill_coef > 0:
     mu = sampling.step_mean(x_k, v, t, t_next, g)
     d = distillation(mu, _take(batch.means_guided, s), t, t_next, g)
-    dist = jnp.mean(guided * d)
+    dist = jnp.mean(on(guided * d))
   loss = policy + hp.kl_coef * kl + hp.distill_coef * dist
   metrics = {"loss": loss, "policy_loss": policy, "kl": kl, "distill": dist,
              "ratio_mean": jnp.mean(ratio), "ratio_sq": jnp.mean(ratio * ratio),
              "clip_fraction": jnp.mean((jnp.abs(ratio - 1.0) > hp.clip_range)
                                        .astype(jnp.float32)),
-             "approx_kl": 0.5 * jnp.mean((lp - old) ** 2)}
+             "approx_kl": 0.5 * jnp.mean(log_ratio ** 2)}
   return loss, metrics
 
 
