@@ -180,6 +180,7 @@ def get_default_config() -> ml_collections.ConfigDict:
   # Which networks the grpo stage trains: the embedded world's, or a Wan2.1 diffusers folder.
   c.model_family = "embedded"
   c.wan = _default_wan_config()
+  c.rewards = _default_rewards_config()
   return c
 
 
@@ -237,7 +238,9 @@ def _default_wan_config() -> ml_collections.ConfigDict:
       param_dtype="float32",  # storage dtype of the published weights
       dtype="float32",  # matmul dtype (float32 accumulation)
       remat="none",  # transformer block checkpointing: none | full | dots | dots_saveable
-      attention_impl="xla",  # jax.nn.dot_product_attention implementation: xla | cudnn
+      # attention: auto (query-blocked on CPU, cuDNN / JAX's pick elsewhere) | blocked | xla |
+      # cudnn (models/layers.py attention)
+      attention_impl="auto",
       lora_rank=0,  # 0 = full fine-tuning
       lora_alpha=1.0,
       lora_targets=("to_q", "to_k", "to_v", "to_out.0"),
@@ -274,7 +277,7 @@ def _check_wan(config) -> None:
   for key in ("param_dtype", "dtype"):
     _one_of(config, f"wan.{key}", ("float32", "bfloat16"))
   _one_of(config, "wan.remat", ("none", "full", "dots", "dots_saveable"))
-  _one_of(config, "wan.attention_impl", ("xla", "cudnn"))
+  _one_of(config, "wan.attention_impl", ("auto", "blocked", "xla", "cudnn"))
   if w.lora_rank < 0:
     raise _error("wan.lora_rank", w.lora_rank, "must be >= 0 (0 = full fine-tuning)")
   bad = [t for t in w.lora_targets if t not in wt.LORA_TARGETS]
@@ -320,6 +323,66 @@ def _check_data(config) -> None:
           f"the reward {name!r} reads the embedded world's captions (colour, shape, motion), "
           f"but config.data.prompts = {d.prompts!r} is another prompt set: choose a reward that "
           f"scores any video (e.g. jpeg_compressibility) or data.prompts='world'")
+
+
+def _default_rewards_config() -> ml_collections.ConfigDict:
+  """`config.rewards.<name>`: the settings of every configurable reward, at its registered
+  defaults (so `--config.rewards.<name>.<key>=...` works). Several servers in one run:
+  `config.rewards.remote_<label> = registry.settings('remote', url=...)` in a config file."""
+  from euphonium_jax import rewards as rewards_lib  # Registers the built-in rewards.
+  return ml_collections.ConfigDict({
+      name: rewards_lib.registry.default_settings(name)
+      for name in rewards_lib.registry.factory_names()})
+
+
+def _used_rewards(config) -> list[tuple[str, str]]:
+  """(key, reward name) of every reward the configured stages score."""
+  stages = tuple(config.stages)
+  used = []
+  if "grpo" in stages or ("evaluate" in stages and not tuple(config.evaluate.rewards)):
+    used += [("grpo.rewards", e[0]) for e in config.grpo.rewards
+             if isinstance(e, (tuple, list)) and e and e[0] != "prm_final"]
+  if "evaluate" in stages:
+    used += [("evaluate.rewards", n) for n in config.evaluate.rewards]
+  if "prm" in stages:
+    used.append(("prm.reward", config.prm.reward))
+  return used
+
+
+def _check_rewards(config) -> None:
+  """Every `config.rewards` section names a configurable reward and holds its keys; every
+  reward a stage scores is known and its settings pass its check (a missing weights folder,
+  an unknown frame mode, no server address...). All problems in one ConfigError."""
+  from euphonium_jax.rewards import registry
+  sections = config.rewards
+  problems = []
+  for name in sections.keys():
+    problems += registry.check_settings(name, sections[name], keys_only=True)
+  seen = set()
+  for key, name in _used_rewards(config):
+    if name in seen:
+      continue
+    seen.add(name)
+    if not registry.is_known(name):
+      if key == "prm.reward" or (key == "grpo.rewards" and "grpo" in tuple(config.stages)):
+        continue  # named by _check_prm / _check_grpo, with their own messages
+      known = registry.names() + [f + "_<label>" for f in registry.instance_factories()]
+      problems.append(f"config.{key} names {name!r}, which is not a registered reward: "
+                      f"known rewards are {', '.join(known)}")
+    elif key == "prm.reward" and registry.is_configurable(name):
+      problems.append(f"config.prm.reward = {name!r} is invalid: the prm stage labels its "
+                      "rollouts with a plain reward (one without settings), e.g. "
+                      "shapes_fidelity or jpeg_compressibility")
+    elif registry.is_configurable(name):
+      if name not in sections:
+        problems.append(f"config.{key} names {name!r}, which needs settings: add "
+                        f"config.rewards.{name} = registry.settings("
+                        f"{registry.base_name(name)!r}, ...) to the config file")
+      else:
+        problems += [p for p in registry.check_settings(name, sections[name])
+                     if p not in problems]
+  if problems:
+    raise ConfigError("the reward settings cannot run:\n  " + "\n  ".join(problems))
 
 
 def _default_prm_config() -> ml_collections.ConfigDict:
@@ -396,6 +459,8 @@ def _type_name(t) -> str:
 def _check_schema(config, reference, prefix: str = "") -> None:
   for key in config.keys():
     path = f"{prefix}{key}"
+    if path == "rewards":
+      continue  # its own check (_check_rewards): sections may be added (remote_<label>)
     if key not in reference:
       allowed = ", ".join(sorted(reference.keys()))
       raise ConfigError(
@@ -583,7 +648,7 @@ def _check_world_and_nets(config) -> None:
   _one_of(config, "vae.dtype", ("float32", "bfloat16"))
   _one_of(config, "model.remat", ("none", "full", "dots"))
   _one_of(config, "model.pos_embed", ("sincos", "learned"))
-  _one_of(config, "model.attention_impl", ("xla", "cudnn", "auto"))
+  _one_of(config, "model.attention_impl", ("xla", "cudnn", "auto", "blocked"))
   if len(config.vae.channels) < 2 or any(ch <= 0 for ch in config.vae.channels):
     raise _error("vae.channels", config.vae.channels,
                  "at least two positive widths (the spatial factor is 2 ** (levels - 1))")
@@ -722,7 +787,8 @@ def _check_grpo(config, num_devices: int | None = None) -> None:
     raise _error("grpo.rewards", rewards, "name at least one (name, weight) outcome reward "
                  "unless grpo.advantage_mode = 'only'")
   for entry in rewards:
-    if (not isinstance(entry, (tuple, list)) or len(entry) != 2 or entry[0] not in names
+    if (not isinstance(entry, (tuple, list)) or len(entry) != 2
+        or (entry[0] not in names and not registry.is_known(entry[0]))
         or not isinstance(entry[1], (int, float)) or entry[1] < 0):
       raise _error("grpo.rewards", rewards, "(name, weight >= 0) pairs with names from "
                    + ", ".join(names))
@@ -764,6 +830,15 @@ def _check_grpo(config, num_devices: int | None = None) -> None:
   if sampler.num_steps < 2:
     raise _error("sampling.num_steps", sampler.num_steps, "must be >= 2 for GRPO (the last "
                  "transition is never trained)")
+  if sampler.windowed and arrs.guided.any():  # guidance acts inside the SDE window only
+    first, last = sampler.window.bounds(sampler.num_steps)
+    guided = [i for i, on in enumerate(arrs.guided.tolist()) if on]
+    if not any(first <= i < last + sampler.window.size for i in guided):
+      raise _error("sampling.window.range_start", sampler.window.range_start,
+                   f"guidance acts only on SDE steps, and no guided step "
+                   f"({guided}) lies in the steps the window can "
+                   f"cover ([{first}, {last + sampler.window.size})): move the window range or "
+                   "sampling.guidance.start / end")
   if g.distill_coef > 0 and not arrs.guided.any():
     raise _error("grpo.distill_coef", g.distill_coef, "distillation acts on guided steps; "
                  "sampling.guidance.mode is 'off'")
@@ -794,6 +869,7 @@ def validate(config, num_devices: int | None = None) -> None:
   _check_stages(config)
   _check_wan(config)
   _check_data(config)
+  _check_rewards(config)
   _check_world_and_nets(config)
   _check_training(config)
   _check_mesh(config, jax.device_count() if num_devices is None else num_devices)

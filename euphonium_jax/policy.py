@@ -75,7 +75,13 @@ class Policy:
   @property
   def data_keys(self) -> tuple:
     return ("latents", "logprobs", "process_rewards") + (
-        ("means_guided", "guidance") if self.keep_means else ())
+        ("means_guided", "guidance") if self.keep_means else ()) + (
+        ("sde_mask",) if self.sampler.windowed else ())
+
+  @property
+  def trainable(self) -> int:
+    """SDE steps per sample that `grpo.select_steps` draws from (N - 1 without a window)."""
+    return sampling.trainable_per_sample(self.sampler)
 
   def velocity(self, frozen) -> Callable:
     """The policy's velocity `(params, x, t, cond)`: CFG-combined when grpo.cfg_scale != 1."""
@@ -126,6 +132,8 @@ def rollout_shardings(policy: Policy) -> dict:
         "finite": parallel.replicated(policy.mesh)}
   if policy.keep_means:
     sh.update(means_guided=b(nd + 1), guidance=b(nd + 1))
+  if policy.sampler.windowed:
+    sh["sde_mask"] = b(2)
   if PRM_FINAL in policy.reward_names:
     sh[PRM_FINAL] = b(1)
   return sh
@@ -148,19 +156,28 @@ def gather_cond(cond_table, prompt_index):
 def make_rollout_program(policy: Policy, p_sh, frozen_sh, cond_sh=None):
   """jit `(params, frozen, cond_table, prompt_index, key) -> outs`: the (guided) rollout of the
   iteration's batch, the decoded scored latent (`frames`), the PRM of the final clean latent
-  when it is a reward, and a finite flag, in one program."""
+  when it is a reward, and a finite flag, in one program.
+
+  A windowed sampler (`sampling.window.mode != 'off'`) takes the iteration as a sixth input,
+  `(..., key, iteration)` (a replicated int32 scalar, traced: one program for every window
+  position), and its `outs` hold `sde_mask` `[B, N]`: the window of every sample is
+  `sampling.window_starts(sampler, key, iteration, B)`, a function of (seed, iteration)."""
   rep = parallel.replicated(policy.mesh)
   cond_sh = rep if cond_sh is None else cond_sh
   gc = policy.config.grpo
   x_sh = _b(policy, len(policy.shape) + 1)
+  windowed = policy.sampler.windowed
+  in_sh = (p_sh, frozen_sh, cond_sh, _b(policy, 1), rep) + ((rep,) if windowed else ())
 
-  @functools.partial(jax.jit, in_shardings=(p_sh, frozen_sh, cond_sh, _b(policy, 1), rep),
-                     out_shardings=rollout_shardings(policy))
-  def rollout_program(params, frozen, cond_table, prompt_index, key):
+  @functools.partial(jax.jit, in_shardings=in_sh, out_shardings=rollout_shardings(policy))
+  def rollout_program(params, frozen, cond_table, prompt_index, key, *iteration):
     cond = gather_cond(cond_table, prompt_index)
     roll = sampling.make_rollout(policy.velocity(frozen), policy.prm_fn, policy.sampler, x_sh,
                                  policy.keep_means)
-    res = roll(params, frozen["prm"], key, cond, (policy.batch,) + policy.shape)
+    starts = (sampling.window_starts(policy.sampler, key, iteration[0], policy.batch)
+              if windowed else None)
+    res = roll(params, frozen["prm"], key, cond, (policy.batch,) + policy.shape,
+               window_start=starts)
     scored = res.x0_hat if gc.score == "x0_hat" else res.latents[:, -1]
     res_d = res._asdict()
     outs = {k: res_d[k] for k in policy.data_keys}
@@ -179,13 +196,15 @@ def make_update_step(policy: Policy, tx, state_sh, frozen_sh, cond_sh=None):
   """jit `(state, data, idx, frozen, cond_table) -> (state, metrics)`: one optimiser step on
   the samples `idx` (replicated int `[samples_per_update]`) of the iteration's `data`
   (`data_shardings`). State shardings are declared in and out and the state is donated; a
-  non-finite loss or gradient keeps the old state (`training.guarded_update`)."""
+  non-finite loss, gradient or result keeps the old state (`training.guarded_update`) and
+  counts in `state['nonfinite']` (updates skipped in a row)."""
   mesh = policy.mesh
   rep = parallel.replicated(mesh)
   cond_sh = rep if cond_sh is None else cond_sh
   gc = policy.config.grpo
   keep = policy.keep_means
   ema = float(gc.ema_decay)
+  limit = int(gc.max_nonfinite)
 
   def constrain(mb: grpo.Batch) -> grpo.Batch:
     return jax.tree.map(
@@ -200,11 +219,18 @@ def make_update_step(policy: Policy, tx, state_sh, frozen_sh, cond_sh=None):
                     adv_outcome=take(data["adv_outcome"]), adv_process=take(data["adv_process"]),
                     steps=take(data["steps"]), cond=gather_cond(cond_table, take(data["prompt"])),
                     means_guided=take(data["means_guided"]) if keep else None,
-                    guidance=take(data["guidance"]) if keep else None)
+                    guidance=take(data["guidance"]) if keep else None,
+                    sde_mask=take(data["sde_mask"]) if policy.sampler.windowed else None)
     update = grpo.make_update(policy.velocity(frozen), tx, policy.arrs, policy.hp,
                               gc.accumulation, guard=training.guarded_update,
                               constrain=constrain)
     new, metrics = update(state, mb)
+    # Non-finite updates in a row, counted here (no host round trip per step): a kept update
+    # resets it, except once it has reached grpo.max_nonfinite (the loop stops at the end of
+    # the iteration; the skipped updates left the parameters unchanged).
+    n = state["nonfinite"]
+    new["nonfinite"] = jnp.where(metrics["skipped"] > 0, n + 1,
+                                 jnp.where(n >= limit, n, 0)).astype(jnp.int32)
     if ema > 0:  # the evaluation weights follow the trained ones (a kept update only moves)
       new["ema"] = jax.tree.map(lambda e, p: ema * e + (1.0 - ema) * p, state["ema"],
                                 new["params"])
@@ -244,3 +270,57 @@ def init_state(policy: Policy, tx, params, p_sh, reference: Callable | None = No
 def eval_params(policy: Policy, state):
   """The weights evaluations and the final model use: the EMA when `grpo.ema_decay > 0`."""
   return state["ema"] if policy.config.grpo.ema_decay > 0 else state["params"]
+
+
+def make_prepare_program(policy: Policy):
+  """jit `(rewards [T, B], process_rewards [B, N], sde_mask [B, N] | None, k_steps, k_perm)
+  -> prep`: everything between scoring and the optimiser steps, on the device, in one
+  program: outcome advantages per group (`adv_outcome` `[B, T]`), process advantages per group
+  and step (`adv_process` `[B, N]`, zeros when `advantage_mode = 'none'`), the trained
+  transitions (`steps` `[B, K]`, only SDE steps of a windowed rollout), the sample order of
+  every optimiser step of the iteration (`orders` `[inner_epochs x updates per epoch,
+  samples_per_update]`, epoch e a permutation of fold_in(k_perm, e)) and the iteration's
+  reward metrics (replicated scalars, fetched with the update metrics once per iteration).
+  `rewards` is the one host -> device transfer an iteration needs (rewards are scored on the
+  host)."""
+  rep = parallel.replicated(policy.mesh)
+  gc = policy.config.grpo
+  group, n_steps, batch = policy.sampler.group_size, policy.sampler.num_steps, policy.batch
+  per_update = gc.samples_per_update
+  updates = batch // per_update
+  b = functools.partial(_b, policy)
+  names = list(policy.reward_names)
+  scored = jnp.asarray(policy.arrs.scored)
+
+  def prepare(rewards, process_rewards, sde_mask, k_steps, k_perm):
+    adv_o = grpo.outcome_advantages(rewards, group, gc.adv_clip, adv_std=gc.adv_std,
+                                    adv_eps=gc.adv_eps).T
+    if gc.advantage_mode == "none":
+      adv_p = jnp.zeros_like(process_rewards)
+    else:
+      adv_p = grpo.process_advantages(process_rewards, group, gc.adv_clip, gc.process_source,
+                                      adv_std=gc.adv_std, adv_eps=gc.adv_eps)
+    steps = grpo.select_steps(k_steps, batch, n_steps, gc.timestep_fraction,
+                              selection=gc.step_selection, mask=sde_mask,
+                              trainable=policy.trainable)
+    orders = jnp.concatenate([
+        jax.random.permutation(jax.random.fold_in(k_perm, e), batch).reshape(
+            updates, per_update) for e in range(gc.inner_epochs)]).astype(jnp.int32)
+    metrics = {}
+    for i, name in enumerate(names):
+      rep_ = grpo.group_report(rewards[i], group)
+      metrics[f"reward/{name}"] = jnp.mean(rewards[i])
+      metrics[f"reward/{name}_group_std"] = rep_["group_std"]
+      metrics[f"reward/{name}_zero_std_fraction"] = rep_["zero_std_fraction"]
+    if policy.arrs.scored.any():
+      metrics["process_reward"] = (jnp.sum(jnp.where(scored, process_rewards, 0.0))
+                                   / (batch * jnp.sum(scored)))
+    return {"adv_outcome": adv_o.astype(jnp.float32), "adv_process": adv_p.astype(jnp.float32),
+            "steps": steps, "orders": orders, "metrics": metrics}
+
+  out_sh = {"adv_outcome": b(2), "adv_process": b(2), "steps": b(2), "orders": rep,
+            "metrics": {k: rep for k in (
+                [f"reward/{n}{s}" for n in names
+                 for s in ("", "_group_std", "_zero_std_fraction")]
+                + (["process_reward"] if policy.arrs.scored.any() else []))}}
+  return jax.jit(prepare, out_shardings=out_sh)

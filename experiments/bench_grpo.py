@@ -262,21 +262,13 @@ def main(argv):
   extra = {stage.PRM_FINAL: parallel.to_host(outs[stage.PRM_FINAL])} if (
       stage.PRM_FINAL in outs) else {}
   r = stage.score_rewards(reward_names, frames, prompts, extra)
-  pr = parallel.to_host(outs["process_rewards"])
-  adv_o = np.asarray(grpo.outcome_advantages(jnp.asarray(r), group, gc.adv_clip,
-                                             adv_std=gc.adv_std, adv_eps=gc.adv_eps)).T
-  adv_p = (np.zeros_like(pr) if gc.advantage_mode == "none" else
-           np.asarray(grpo.process_advantages(jnp.asarray(pr), group, gc.adv_clip,
-                                              gc.process_source, adv_std=gc.adv_std,
-                                              adv_eps=gc.adv_eps)))
-  steps = np.asarray(grpo.select_steps(k_steps, batch, n_steps, gc.timestep_fraction,
-                                       selection=gc.step_selection))
+  prep = policy_lib.make_prepare_program(pol)(parallel.global_array(r, rep),
+                                              outs["process_rewards"], outs.get("sde_mask"),
+                                              k_steps, k_perm)
   data = {k: outs[k] for k in pol.data_keys if k != "process_rewards"}
-  data.update(adv_outcome=parallel.global_array(adv_o, b_sh(2)),
-              adv_process=parallel.global_array(adv_p, b_sh(2)),
-              steps=parallel.global_array(steps, b_sh(2)), prompt=prompt_index)
-  order = np.asarray(jax.random.permutation(k_perm, batch))
-  idx = parallel.global_array(order[:per_update], rep)
+  data.update(adv_outcome=prep["adv_outcome"], adv_process=prep["adv_process"],
+              steps=prep["steps"], prompt=prompt_index)
+  idx = prep["orders"][0]
   update_step = policy_lib.make_update_step(pol, tx, state_sh, frozen_sh)
   compiled, lo, co = compile_timed(update_step, state, data, idx, frozen, table)
   f, b = cost(compiled)
@@ -315,7 +307,7 @@ def main(argv):
     return (sampling.normalize_grad(g) if sampler.guidance.normalize else g), r
 
   micro = per_update // gc.accumulation
-  mi = jnp.asarray(order[:micro])
+  mi = jnp.asarray(np.asarray(idx)[:micro])
   mb = grpo.Batch(latents=data["latents"][mi], logprobs=data["logprobs"][mi],
                   adv_outcome=data["adv_outcome"][mi], adv_process=data["adv_process"][mi],
                   steps=data["steps"][mi], cond=policy_lib.gather_cond(table, prompt_index[mi]),

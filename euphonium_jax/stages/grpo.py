@@ -11,13 +11,19 @@ iteration:
 2. rolls them out with the configured sampler, guided by the PRM gradient where configured,
    and decodes the scored latent (one jitted program, sharded over the batch: the programs
    are `policy.py`'s, the same that the benchmarks time);
-3. scores the videos with the outcome reward(s) on the host; a reward that raises stops the
-   run with its name, a non-finite reward skips the iteration (counted);
-4. computes outcome advantages per group and process advantages per group and step;
+3. scores the videos with the outcome reward(s): on-device rewards on the device, the others
+   on one host copy, remote ones concurrently; a reward that fails stops the run with its
+   name, a non-finite reward skips the iteration (counted);
+4. computes outcome advantages per group, process advantages per group and step, the
+   trained transitions, the sample order of every optimiser step and the reward metrics in
+   one jitted program (`policy.make_prepare_program`; the rewards are the iteration's one
+   host -> device transfer);
 5. trains a random subset of each sample's transitions (`timestep_fraction` of steps
-   0 .. N - 2, never the last) with the clipped-ratio loss, the kernel KL and distillation, in
-   optimiser steps of `samples_per_update` samples (one jitted, sharded update with donated
-   state; a non-finite loss or gradient skips the step and is counted);
+   0 .. N - 2, never the last; only SDE steps under an SDE window) with the clipped-ratio
+   loss, the kernel KL and distillation, in optimiser steps of `samples_per_update` samples
+   (one jitted, sharded update with donated state, dispatched back to back; a non-finite
+   loss, gradient or result skips the step and is counted inside the step); the metrics and
+   the counter are fetched once per iteration;
 6. every `eval_every` iterations (and at the start and the end) samples held-out prompts with
    the Euler ODE and NO reward model, and records the mean outcome reward with its standard
    error (the same prompts and noise every time, from `eval.seed`, so runs with other training
@@ -26,8 +32,8 @@ iteration:
 Randomness: every training key derives from (config.seed, iteration). The rollout draws its noise for
 the whole global batch from one replicated key; JAX's partitionable threefry makes each
 device compute only its own slice of that draw, so no two devices (or processes) share noise
-and the result does not depend on the mesh. Prompt choice and transition subsets are
-replicated host computations (every process must agree on them).
+and the result does not depend on the mesh. Prompt choice is a replicated host computation
+and transition subsets and update orders replicated device ones (every process agrees).
 
 Checkpoints (`WORKDIR/grpo/checkpoints`, every `ckpt_every` iterations, and on SIGTERM):
 parameters, optimiser state, the KL reference (when `kl_coef > 0`), the RNG, the iteration
@@ -56,7 +62,6 @@ from euphonium_jax import training
 from euphonium_jax.data import prompts as prompts_lib
 from euphonium_jax.data import world
 from euphonium_jax.rewards import registry as rewards
-from euphonium_jax.rl import grpo
 
 PRM_FINAL = policy_lib.PRM_FINAL
 
@@ -78,15 +83,22 @@ def is_done(workdir: str) -> bool:
   return checkpoint.is_done(os.path.join(stage_dir(workdir), "final"))
 
 
-def score_rewards(names, frames: np.ndarray, prompts, extra: dict[str, np.ndarray],
-                  metadata=None) -> np.ndarray:
-  """`[T, B]` float32 outcome rewards; a reward that raises stops the run, naming it."""
-  rows = []
-  for name in names:
-    if name in extra:
-      rows.append(np.asarray(extra[name], np.float32))
-      continue
-    rows.append(rewards.score(name, jnp.asarray(frames), list(prompts), metadata))
+def score_rewards(names, frames, prompts, extra: dict[str, np.ndarray], metadata=None,
+                  built: dict | None = None, concurrent: bool = True) -> np.ndarray:
+  """`[T, B]` float32 outcome rewards in the order of `names`; a reward that fails stops the
+  run, naming it (a RewardError).
+
+  `extra`: rewards computed elsewhere (the PRM's 'prm_final'). `built`: the run's rewards
+  (`registry.build_many`, once per run; plain rewards are built here when None). `frames`
+  [B, T, H, W, 3] may stay on the device: on-device rewards score it there, the others share
+  one host copy, and io-bound (remote) ones are scored in threads, concurrently with the
+  rest (`concurrent=False`: one after another, for comparison)."""
+  if built is None:
+    built = rewards.build_many([n for n in names if n not in extra])
+  todo = {n: built[n] for n in dict.fromkeys(names) if n not in extra}
+  scores = rewards.score_many(todo, frames, list(prompts), metadata, to_host=parallel.to_host,
+                              concurrent=concurrent)
+  rows = [np.asarray(extra[n], np.float32) if n in extra else scores[n] for n in names]
   return np.stack(rows) if rows else np.zeros((0, len(prompts)), np.float32)
 
 
@@ -141,15 +153,20 @@ def run(config, workdir: str) -> dict:
   pol = policy_lib.make_policy(config, nets, mesh, model_g, vae[0],
                                None if prm is None else prm[0])
   frozen, frozen_sh = policy_lib.frozen_inputs(vae, model_r, prm, mesh)
-  group, n_steps, batch = pol.sampler.group_size, pol.sampler.num_steps, pol.batch
+  group, batch = pol.sampler.group_size, pol.batch
   per_update = gc.samples_per_update
   updates_per_epoch = batch // per_update
   reward_names = list(pol.reward_names)
+  # Each reward built once (weights loaded, servers' health checked) before anything compiles;
+  # evaluations are scored by the first pixel reward of grpo.rewards (else shapes_fidelity).
+  eval_reward = next((n for n in reward_names if n != PRM_FINAL), "shapes_fidelity")
+  built_rewards = rewards.build_many(reward_names + [eval_reward], config.rewards)
   tx = policy_lib.make_tx(config)
   p_sh = nets.model_param_shardings(mesh)
   state, state_sh = policy_lib.init_state(pol, tx, model_p, p_sh, nets.reference_params)
   rollout_program = policy_lib.make_rollout_program(pol, p_sh, frozen_sh)
   update_step = policy_lib.make_update_step(pol, tx, state_sh, frozen_sh)
+  prepare_program = policy_lib.make_prepare_program(pol)
 
   # ------------------------------------------------------------------- Evaluation
   gen = generate.Generator(config, vae, text, (model_g, None, frozen["model_rest"]), mesh,
@@ -157,15 +174,12 @@ def run(config, workdir: str) -> dict:
   eval_key = jax.random.fold_in(jax.random.key(config.eval.seed), 777)
   eval_prompts = generate.eval_prompts(config, prompt_set, eval_key)
 
-  # Scored by the first pixel reward of grpo.rewards (shapes_fidelity when there is none).
-  eval_reward = next((n for n in reward_names if n != PRM_FINAL), "shapes_fidelity")
-
   def evaluate(params, iteration: int) -> dict:
     gen.model = (model_g, params, frozen["model_rest"])
     t0 = time.time()
     res = gen.evaluate(eval_key, os.path.join(out, "eval"), f"iter_{iteration:05d}",
                        prompts=eval_prompts[0], metadata=eval_prompts[1],
-                       reward_name=eval_reward)
+                       reward_name=built_rewards[eval_reward])
     return {"eval_reward": res["reward_mean"], "eval_stderr": res["reward_stderr"],
             "eval_seconds": time.time() - t0}
 
@@ -195,56 +209,47 @@ def run(config, workdir: str) -> dict:
 
       # Rollout, decode, score.
       t0 = time.time()
-      outs = rollout_program(state["params"], frozen, table, prompt_index, k_roll)
-      frames = parallel.to_host(outs["frames"])
+      window = (jnp.int32(it),) if pol.sampler.windowed else ()  # SDE window: traced input
+      outs = rollout_program(state["params"], frozen, table, prompt_index, k_roll, *window)
+      jax.block_until_ready(outs["frames"])
       rollout_s = time.time() - t0
       extra = {PRM_FINAL: parallel.to_host(outs[PRM_FINAL])} if PRM_FINAL in outs else {}
-      r = score_rewards(reward_names, frames, prompts, extra, meta)  # [T, B]
+      t0 = time.time()
+      try:  # frames stay on the device for on-device rewards; the others get a host copy
+        r = score_rewards(reward_names, outs["frames"], prompts, extra, meta,
+                          built=built_rewards)  # [T, B]
+      except rewards.RewardError as e:
+        good = training.last_good_checkpoint(mgr)
+        raise rewards.RewardError(
+            f"{e}\n[grpo] stopped at iteration {it + 1}: " + (
+                f"the last verified checkpoint is iteration {good} in {mgr.directory}"
+                if good is not None else f"no verified checkpoint in {mgr.directory} yet")
+        ) from e
+      reward_s = time.time() - t0
       finite = bool(outs["finite"]) and bool(np.isfinite(r).all())
 
-      # Advantages (host; every process computes the same numbers).
-      pr = parallel.to_host(outs["process_rewards"])  # [B, N]
-      adv_o = np.asarray(grpo.outcome_advantages(jnp.asarray(r), group, gc.adv_clip,
-                                                 adv_std=gc.adv_std, adv_eps=gc.adv_eps)).T
-      if gc.advantage_mode == "none":
-        adv_p = np.zeros_like(pr)
-      else:
-        adv_p = np.asarray(grpo.process_advantages(jnp.asarray(pr), group, gc.adv_clip,
-                                                   gc.process_source, adv_std=gc.adv_std,
-                                                   adv_eps=gc.adv_eps))
-      steps = np.asarray(grpo.select_steps(k_steps, batch, n_steps, gc.timestep_fraction,
-                                           selection=gc.step_selection))
-      row = {f"reward/{name}": float(np.mean(r[i])) for i, name in enumerate(reward_names)}
-      for i, name in enumerate(reward_names):
-        rep_ = grpo.group_report(jnp.asarray(r[i]), group)
-        row[f"reward/{name}_group_std"] = float(rep_["group_std"])
-        row[f"reward/{name}_zero_std_fraction"] = float(rep_["zero_std_fraction"])
-      if pol.arrs.scored.any():
-        row["process_reward"] = float(np.mean(pr[:, pol.arrs.scored]))
+      # Advantages, trained transitions, update orders and reward metrics: one program on
+      # the device (the rewards are the iteration's one host -> device transfer).
+      prep = prepare_program(parallel.global_array(r, rep), outs["process_rewards"],
+                             outs.get("sde_mask"), k_steps, k_perm)
 
-      # Updates.
+      # Updates: dispatched back to back; metrics and the non-finite counter (kept inside
+      # the update step) are fetched once, after the iteration's last step.
       t0 = time.time()
       update_metrics = []
       if finite:
         data = {k: outs[k] for k in pol.data_keys if k != "process_rewards"}
-        data.update(adv_outcome=parallel.global_array(adv_o, b_sh(2)),
-                    adv_process=parallel.global_array(adv_p, b_sh(2)),
-                    steps=parallel.global_array(steps, b_sh(2)), prompt=prompt_index)
-        for epoch in range(gc.inner_epochs):
-          order = np.asarray(jax.random.permutation(jax.random.fold_in(k_perm, epoch), batch))
-          for u in range(updates_per_epoch):
-            idx = parallel.global_array(order[u * per_update:(u + 1) * per_update], rep)
-            state, met = update_step(state, data, idx, frozen, table)
-            met = jax.device_get(met)
-            update_metrics.append(met)
-            bad = int(met["skipped"])
-            state["nonfinite"] = jax.device_put(
-                jnp.where(bad, state["nonfinite"] + 1, 0).astype(jnp.int32), rep)
-            _check_nonfinite(state, gc.max_nonfinite, mgr, it)
+        data.update(adv_outcome=prep["adv_outcome"], adv_process=prep["adv_process"],
+                    steps=prep["steps"], prompt=prompt_index)
+        for j in range(gc.inner_epochs * updates_per_epoch):
+          state, met = update_step(state, data, prep["orders"][j], frozen, table)
+          update_metrics.append(met)
       else:
         state["nonfinite"] = jax.device_put(state["nonfinite"] + 1, rep)
         print(f"[grpo] iteration {it + 1}: non-finite rollout or reward; update skipped")
-        _check_nonfinite(state, gc.max_nonfinite, mgr, it)
+      update_metrics, row = jax.device_get((update_metrics, prep["metrics"]))
+      row = {k: float(v) for k, v in row.items()}
+      _check_nonfinite(state, gc.max_nonfinite, mgr, it)
       update_s = time.time() - t0
       state["step"] = jax.device_put(jnp.asarray(it + 1, jnp.int32), rep)
 
@@ -254,7 +259,7 @@ def run(config, workdir: str) -> dict:
         row.update({k: float(np.mean([m[k] for m in update_metrics]))
                     for k in update_metrics[0]})
       row.update(skipped_iteration=0 if finite else 1, nonfinite_in_a_row=int(state["nonfinite"]),
-                 rollout_seconds=rollout_s, update_seconds=update_s,
+                 rollout_seconds=rollout_s, reward_seconds=reward_s, update_seconds=update_s,
                  updates=len(update_metrics))
       if (gc.eval_every and done % gc.eval_every == 0) or done == gc.iterations:
         row.update(evaluate(policy_lib.eval_params(pol, state), done))
