@@ -280,7 +280,7 @@ def transition_loss(params, ref_params, batch: Batch, col: int | jax.Array, velo
     dist = jnp.mean(on(guided * d))
   loss = policy + hp.kl_coef * kl + hp.distill_coef * dist
   metrics = {"loss": loss, "policy_loss": policy, "kl": kl, "distill": dist,
-             "ratio_mean": jnp.mean(ratio), "ratio_sq": jnp.mean(ratio * ratio),
+             "ratio_mean": jnp.mean(ratio), "ratio_dev_sq": jnp.mean((ratio - 1.0) ** 2),
              "clip_fraction": jnp.mean((jnp.abs(ratio - 1.0) > hp.clip_range)
                                        .astype(jnp.float32)),
              "approx_kl": 0.5 * jnp.mean(log_ratio ** 2)}
@@ -349,7 +349,9 @@ def make_update(velocity_fn: Callable, tx: optax.GradientTransformation,
       new_params, ok = optax.apply_updates(params, updates), jnp.array(True)
     else:
       new_params, opt, ok = guard(tx, grads, met["loss"], params, state["opt"])
-    met["ratio_std"] = jnp.sqrt(jnp.maximum(met.pop("ratio_sq") - met["ratio_mean"] ** 2, 0.0))
+    # Var(r) = E[(r - 1)^2] - (E[r] - 1)^2: about 1, E[r^2] - E[r]^2 cancels in float32.
+    dev = met["ratio_mean"] - 1.0
+    met["ratio_std"] = jnp.sqrt(jnp.maximum(met.pop("ratio_dev_sq") - dev * dev, 0.0))
     met["grad_norm"] = optax.tree.norm(grads)
     met["skipped"] = 1 - ok.astype(jnp.int32)
     return dict(state, params=new_params, opt=opt), met
