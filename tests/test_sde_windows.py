@@ -29,21 +29,7 @@ S = np.array([0.8, 0.5, 1.2, 0.3])
 W = np.array([1.0, 0.0, -0.5, 0.2])
 
 
-def _k(t, s):
-  return (1 - t) * s**2 / ((1 - t)**2 * s**2 + t**2)
-
-
-def oracle_velocity(p, x, t, cond):
-  mu, s = p
-  t = t[:, None]
-  x0 = mu + _k(t, s) * (x - (1 - t) * mu)
-  return (x - (1 - t) * x0) / t - x0
-
-
-def oracle_prm(p, x, t, cond):
-  mu, s, w = p
-  t = t[:, None]
-  return jnp.sum(w * (mu + _k(t, s) * (x - (1 - t) * mu)), axis=-1)
+from test_sampling_oracle import oracle_prm, oracle_velocity  # the Gaussian oracle, shared
 
 
 P_V = (jnp.asarray(MU, jnp.float32), jnp.asarray(S, jnp.float32))
