@@ -183,6 +183,14 @@ def test_a_failing_built_reward_is_named_and_the_wrong_shape_too(tmp_path):
   with pytest.raises(registry.RewardError, match=r"'test_folder_reward' returned shape \(3,\), "
                      r"expected \(2,\)"):
     registry.score(fn, np.zeros((3, 1, 4, 4, 3)), ["a", "b"])
+  # A plain reward is named as it was registered, not by its Python function's name.
+  if not registry.is_known("test_judge_reward"):
+    registry.register("test_judge_reward")(broken)
+  built = registry.build_many(["shapes_fidelity", "test_judge_reward"])
+  with pytest.raises(registry.RewardError, match=r"the outcome reward 'test_judge_reward' "
+                     r"raised OSError"):
+    registry.score_many(built, np.zeros((2, 2, 16, 16, 3), np.float32),
+                        ["a red circle moving left"] * 2)
 
 
 def test_register_refuses_a_second_reward_and_names_that_are_not_identifiers():

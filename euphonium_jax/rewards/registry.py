@@ -341,11 +341,13 @@ def call(reward: str | RewardFn, frames, prompts: Sequence[str],
 
 def score(reward: str | RewardFn, frames, prompts: Sequence[str],
           metadata: Sequence[dict] | None = None, who: str = "grpo",
-          kind: str = "outcome reward", as_jax: bool = False) -> np.ndarray:
+          kind: str = "outcome reward", as_jax: bool = False, name: str | None = None
+          ) -> np.ndarray:
   """`call` checked for a run: float32 `[B]`; a reward that raises or returns another shape
   stops the run with one RewardError naming it (a run must not go on with a made-up reward).
-  `as_jax`: keep an on-device reward's jax result on the device (shape checked, no sync)."""
-  name = reward_name(reward)
+  `as_jax`: keep an on-device reward's jax result on the device (shape checked, no sync).
+  `name`: the name it was registered (and configured) under, for the message."""
+  name = name or reward_name(reward)
   try:
     out = call(reward, frames, prompts, metadata)
     row = out if as_jax and isinstance(out, jax.Array) else np.asarray(out, np.float32)
@@ -392,17 +394,17 @@ def score_many(built: dict[str, RewardFn], frames, prompts: Sequence[str],
   pending: dict[str, Any] = {}
   for n in device_names:
     dev = frames if isinstance(frames, jax.Array) else jax.numpy.asarray(frames)
-    pending[n] = score(built[n], dev, prompts, metadata, who, kind, as_jax=True)
+    pending[n] = score(built[n], dev, prompts, metadata, who, kind, as_jax=True, name=n)
   threaded = [n for n in built if is_io_bound(n) and n not in pending] if concurrent else []
   errors: dict[str, BaseException] = {}
   with futures.ThreadPoolExecutor(max(1, len(threaded))) as pool:
-    jobs = {n: pool.submit(score, built[n], host, prompts, metadata, who, kind)
+    jobs = {n: pool.submit(score, built[n], host, prompts, metadata, who, kind, name=n)
             for n in threaded}
     for n in built:
       if n in pending or n in jobs:
         continue
       try:
-        pending[n] = score(built[n], host, prompts, metadata, who, kind)
+        pending[n] = score(built[n], host, prompts, metadata, who, kind, name=n)
       except RewardError as e:
         errors[n] = e
     for n, job in jobs.items():
