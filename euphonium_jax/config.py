@@ -238,8 +238,8 @@ def _default_wan_config() -> ml_collections.ConfigDict:
       param_dtype="float32",  # storage dtype of the published weights
       dtype="float32",  # matmul dtype (float32 accumulation)
       remat="none",  # transformer block checkpointing: none | full | dots | dots_saveable
-      # attention: auto (query-blocked on CPU, cuDNN / JAX's pick elsewhere) | blocked | xla |
-      # cudnn (models/layers.py attention)
+      # attention: auto (query-blocked on CPU; cuDNN on a GPU for bf16 and head sizes it takes,
+      # else XLA) | blocked | xla | cudnn (models/layers.py attention, auto_impl)
       attention_impl="auto",
       lora_rank=0,  # 0 = full fine-tuning
       lora_alpha=1.0,

@@ -99,6 +99,17 @@ def test_auto_is_blocked_on_cpu_and_unknown_impl_is_refused():
     layers.attention(q, k, v, None, 'flash', jnp.float32)
 
 
+def test_auto_picks_cudnn_on_a_gpu_only_where_it_applies():
+  """`implementation=None` is XLA's attention in JAX itself, so 'auto' chooses cuDNN."""
+  assert layers.auto_impl('cpu', jnp.bfloat16, 128) == 'blocked'
+  assert layers.auto_impl('gpu', jnp.bfloat16, 128) == 'cudnn'
+  assert layers.auto_impl('cuda', jnp.float16, 64) == 'cudnn'
+  assert layers.auto_impl('gpu', jnp.float32, 128) == 'xla'  # cuDNN: 16-bit inputs only
+  assert layers.auto_impl('gpu', jnp.bfloat16, 12) == 'xla'  # not a multiple of 8
+  assert layers.auto_impl('gpu', jnp.bfloat16, 256) == 'xla'
+  assert layers.auto_impl('tpu', jnp.bfloat16, 128) == 'xla'
+
+
 def test_wan_attention_same_on_every_impl():
   """The Wan attention (RMSNorm across heads, RoPE) with the weights of one module on xla,
   blocked and auto: equal to float32 rounding (the diffusers parity is in the Wan tests)."""

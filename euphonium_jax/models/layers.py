@@ -135,19 +135,40 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, key_mask: jax.Array | No
 
   Inputs are cast to ``dtype``. ``impl``: 'xla' | 'cudnn' go to
   ``jax.nn.dot_product_attention``; 'blocked' is ``blocked_attention`` (the fast one on
-  XLA:CPU); 'auto' or None picks 'blocked' when the default backend is CPU and JAX's choice
-  otherwise (cuDNN on a GPU where it applies). Output is float32.
+  XLA:CPU); 'auto' or None is ``auto_impl``'s choice for the default backend. Output is
+  float32.
   """
   if impl not in ATTENTION_IMPLS:
     raise ValueError(f'attention impl={impl!r} is not supported; allowed: {ATTENTION_IMPLS}')
-  if impl in ('auto', None):
-    impl = 'blocked' if jax.default_backend() == 'cpu' else None
+  auto = impl in ('auto', None)
+  if auto:
+    impl = auto_impl(jax.default_backend(), dtype, q.shape[-1])
   q, k, v = (a.astype(dtype) for a in (q, k, v))
   if impl == 'blocked':
     return blocked_attention(q, k, v, key_mask)
   mask = None if key_mask is None else key_mask.astype(bool)[:, None, None, :]
-  out = jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=impl)
+  try:
+    out = jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=impl)
+  except (NotImplementedError, RuntimeError, ValueError):
+    if not (auto and impl == 'cudnn'):
+      raise
+    # cuDNN's fused attention refused these shapes or this cuDNN version (a trace-time check).
+    out = jax.nn.dot_product_attention(q, k, v, mask=mask, implementation='xla')
   return out.astype(jnp.float32)
+
+
+def auto_impl(backend: str, dtype, head_dim: int) -> str:
+  """What 'auto' runs: 'blocked' on CPU (XLA:CPU's fused attention is slow, see
+  ``blocked_attention``); on a GPU 'cudnn' (flash attention, no [Lq, Lk] probabilities in
+  memory) for 16-bit inputs with a head size cuDNN takes (a multiple of 8, at most 128),
+  else 'xla'. (``jax.nn.dot_product_attention(implementation=None)`` is XLA's attention on
+  every backend in the JAX releases supported, so 'auto' chooses here.)"""
+  if backend == 'cpu':
+    return 'blocked'
+  low = jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+  if backend in ('gpu', 'cuda', 'rocm') and low and head_dim % 8 == 0 and head_dim <= 128:
+    return 'cudnn'
+  return 'xla'
 
 
 def _attention_block(q, k, v, bias):

@@ -19,8 +19,8 @@ time embedding, ``proj_out`` and unpatchify.
 Blocks are built stacked (``nnx.vmap``, leading axis named 'layers') and applied with
 ``jax.lax.scan``; ``remat`` picks a checkpoint policy (``layers.remat_policy``). Attention runs
 through ``layers.attention`` with ``attention_impl``: 'auto' (the default) is the query-blocked,
-heads-first attention on CPU and JAX's choice (cuDNN) on a GPU; 'xla' | 'cudnn' | 'blocked'
-force one.
+heads-first attention on CPU and cuDNN on a GPU (bf16, head sizes cuDNN takes:
+``layers.auto_impl``); 'xla' | 'cudnn' | 'blocked' force one.
 """
 from __future__ import annotations
 
@@ -53,7 +53,8 @@ class WanConfig:
   eps: float = 1e-6
   rope_max_seq_len: int = 1024
   # Ours: matmul dtype ('float32' | 'bfloat16', float32 accumulation), remat policy name,
-  # attention implementation (layers.ATTENTION_IMPLS; 'auto': blocked on CPU, cuDNN on GPU).
+  # attention implementation (layers.ATTENTION_IMPLS; 'auto': layers.auto_impl, blocked on
+  # CPU, cuDNN on a GPU where it applies).
   dtype: str = 'float32'
   remat: str = 'none'
   attention_impl: str | None = 'auto'
