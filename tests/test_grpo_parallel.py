@@ -304,20 +304,6 @@ def load_host(directory):
   return host(checkpoint.load_final(directory, abstract))
 
 
-@pytest.fixture(scope="module")
-def tiny_init(tmp_path_factory):
-  """Finished `pretrain` (model, VAE, text encoder) and `prm` directories of the tiny world,
-  freshly initialised and stored as host arrays, so that any device topology can load them."""
-  cfg = tiny_config()
-  root = tmp_path_factory.mktemp("init")
-  nets = {kind: embedded.split_params(embedded.build(kind, cfg, seed=i))
-          for i, kind in enumerate(("model", "vae", "text", "prm"))}
-  entry = lambda kind: {"params": host(nets[kind][1]), "rest": host(nets[kind][2])}
-  checkpoint.save_final(str(root / "pretrain"), {k: entry(k) for k in ("model", "vae", "text")},
-                        {"stage": "pretrain", "note": "random init (test)"})
-  checkpoint.save_final(str(root / "prm"), {"prm": entry("prm"), "text": entry("text")},
-                        {"stage": "prm", "note": "random init (test)"})
-  return str(root)
 
 
 LR = 1e-3  # the grpo stage's learning rate in test 2

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from euphonium_jax.rewards import registry, remote
+from conftest import use_tiny_world
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -197,7 +198,7 @@ def test_several_remote_rewards_are_scored_concurrently(servers):
 
 
 @pytest.mark.slow
-def test_grpo_stops_naming_the_dead_server_at_the_last_checkpoint(tmp_path):
+def test_grpo_stops_naming_the_dead_server_at_the_last_checkpoint(tiny_init, tmp_path):
   """The server answers two requests (the start evaluation, iteration 1) and exits: the run
   stops at iteration 2 with the named error, and checkpoint 1 restores and verifies."""
   from euphonium_jax import checkpoint, main, report
@@ -205,9 +206,9 @@ def test_grpo_stops_naming_the_dead_server_at_the_last_checkpoint(tmp_path):
   proc = start_server("--reward", "jpeg_compressibility", "--max-requests", "2")
   try:
     url = url_of(proc)
-    c = config_lib.get_default_config()
+    c = use_tiny_world(config_lib.get_default_config())  # the tiny world's random nets
     c.stages = ("grpo",)
-    c.init.pretrain = os.path.join(REPO, "assets", "embedded")
+    c.init.pretrain = os.path.join(tiny_init, "pretrain")
     c = config_lib.as_baseline(c, "dance_grpo")
     c.eval.update(num_prompts=8, num_steps=4, num_videos=4)
     c.sampling.update(num_steps=4, group_size=4)

@@ -9,7 +9,7 @@
 6. The Gaussian oracle: the windowed sampler is the exact linear-Gaussian chain with g = 0 off
    the window, and lands on the unguided law N(mu, s^2) (Euler and DPM-Solver++(2M) outside).
 7. DPM-Solver++(2M) as the Euler step plus a correction equals MixGRPO's formula.
-8. The two configs run the grpo stage (shipped base model, tiny sizes).
+8. The two configs run the grpo stage (the tiny world's random networks).
 """
 import os
 
@@ -237,16 +237,17 @@ def test_dpm2_matches_mixgrpo_formula():
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["flow_grpo_fast", "mix_grpo"])
-def test_grpo_stage_runs_window_configs(name, tmp_path):
+def test_grpo_stage_runs_window_configs(name, tiny_init, tmp_path):
   from euphonium_jax import main, report
-  c = config_lib.from_file(os.path.join(REPO, "configs", f"{name}.py"))
+  from conftest import use_tiny_world
+  c = use_tiny_world(config_lib.from_file(os.path.join(REPO, "configs", f"{name}.py")))
   c.sampling.update(num_steps=6, group_size=4)
   c.sampling.window.range_end = 4 if name == "flow_grpo_fast" else None
   c.sampling.window.shift_every = 1
   c.grpo.update(iterations=2, prompts_per_iteration=2, samples_per_update=8, eval_every=0,
                 ckpt_every=2)
   c.eval.update(num_prompts=4, num_steps=2)
-  c.init.pretrain = os.path.join(REPO, "assets", "embedded")
+  c.init.pretrain = os.path.join(tiny_init, "pretrain")
   config_lib.validate(c)
   main.run(c, str(tmp_path))
   rows = [r for r in report.read_metrics(str(tmp_path), "grpo") if "loss" in r]
