@@ -83,6 +83,31 @@ def test_decode_matches_reference(tiny):
   np.testing.assert_allclose(np.asarray(alone[0]), np.asarray(got[0]), atol=1e-5)
 
 
+@pytest.mark.parametrize('kt,st,cin,cout,khw,pad', [
+    (3, 1, 4, 6, 3, 1),      # taps folded on channels (3 * 4 <= FOLD_MAX_CHANNELS)
+    (3, 1, 48, 8, 3, 1),     # taps summed (3 * 48 > FOLD_MAX_CHANNELS)
+    (3, 2, 8, 8, 1, 0),      # downsample3d's stride-2 time conv
+    (3, 2, 64, 16, 1, 0),    # ... summed
+    (1, 1, 8, 5, 1, 0),      # 1x1x1 shortcut
+])
+def test_conv3d_taps_equal_lax(kt, st, cin, cout, khw, pad):
+  """'taps' (the CPU path) is the same 3D convolution as one conv_general_dilated."""
+  rng = np.random.default_rng(kt * 100 + cin)
+  x = jax.numpy.asarray(rng.standard_normal((2, 7, 6, 5, cin)).astype(np.float32))
+  w = jax.numpy.asarray(rng.standard_normal((kt, khw, khw, cin, cout)).astype(np.float32))
+  args = ((st, 1, 1), ((pad, pad), (pad, pad)))
+  ref = wan_vae.conv3d(x, w, *args, impl='lax')
+  got = wan_vae.conv3d(x, w, *args, impl='taps')
+  assert got.shape == ref.shape == (2, (7 - kt) // st + 1, 6, 5, cout)
+  np.testing.assert_allclose(np.asarray(got), np.asarray(ref), rtol=1e-5, atol=1e-4)
+  # a wrong tap order (time-reversed kernel) is caught at this tolerance
+  wrong = wan_vae.conv3d(x, w[::-1], *args, impl='taps')
+  if kt > 1:
+    assert float(np.abs(np.asarray(wrong) - np.asarray(ref)).max()) > 1e-2
+  with pytest.raises(ValueError, match='allowed: auto, lax, taps'):
+    wan_vae.conv3d(x, w, *args, impl='cudnn')
+
+
 def test_latent_normalisation_is_the_pipelines():
   c = wan_vae.WanVAEConfig(base_dim=4)
   model = wan_vae.abstract(c)

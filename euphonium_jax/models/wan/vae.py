@@ -128,10 +128,49 @@ class CausalConv3d(nnx.Module):
         x, left = jnp.concatenate([cache.astype(x.dtype), x], axis=1), left - cache.shape[1]
       x = jnp.pad(x, ((0, 0), (left, 0), (0, 0), (0, 0), (0, 0)))
     ph, pw = self.pad_hw
-    y = jax.lax.conv_general_dilated(
-        x, self.kernel[...].astype(x.dtype), self.stride, ((0, 0), (ph, ph), (pw, pw)),
-        dimension_numbers=('NDHWC', 'DHWIO', 'NDHWC'))
+    y = conv3d(x, self.kernel[...].astype(x.dtype), self.stride, ((ph, ph), (pw, pw)))
     return y + self.bias[...].astype(x.dtype)
+
+
+FOLD_MAX_CHANNELS = 128
+
+
+def conv3d(x: jax.Array, w: jax.Array, stride, pad_hw, impl: str = 'auto') -> jax.Array:
+  """Valid-in-time 3D convolution, x [B,T,H,W,cin] * w [kt,kh,kw,cin,cout], space padded.
+
+  impl 'lax' is one ``conv_general_dilated`` over (T, H, W); 'taps' writes it as 2D
+  convolutions over the frames, one per time tap (the frames each tap reads folded into the
+  batch): all kt taps concatenated on channels into one 2D convolution when kt * cin <=
+  ``FOLD_MAX_CHANNELS``, else summed. The same sums in another order. 'auto' is 'taps' on
+  CPU, where XLA's 3D convolution is 5-10x slower than either (experiments/results/
+  bench_peer_cpu.md), and 'lax' elsewhere (cuDNN's 3D convolutions, no tap copies in memory).
+  """
+  if impl == 'auto':
+    impl = 'taps' if jax.default_backend() == 'cpu' else 'lax'
+  if impl == 'lax':
+    return jax.lax.conv_general_dilated(
+        x, w, stride, ((0, 0),) + tuple(pad_hw), dimension_numbers=('NDHWC', 'DHWIO', 'NDHWC'))
+  if impl != 'taps':
+    raise ValueError(f'conv3d impl={impl!r}; allowed: auto, lax, taps')
+  kt, kh, kw, cin, cout = w.shape
+  st, sh, sw = stride
+  b, t = x.shape[:2]
+  to = (t - kt) // st + 1
+  taps = [x[:, i:i + st * (to - 1) + 1:st] for i in range(kt)]  # each [B,to,H,W,cin]
+
+  def conv2d(frames, kernel):
+    y = jax.lax.conv_general_dilated(
+        frames.reshape((b * to,) + frames.shape[2:]), kernel, (sh, sw), tuple(pad_hw),
+        dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+    return y.reshape((b, to) + y.shape[1:])
+
+  if kt == 1 or kt * cin <= FOLD_MAX_CHANNELS:
+    folded = taps[0] if kt == 1 else jnp.concatenate(taps, axis=-1)
+    return conv2d(folded, w.transpose(1, 2, 0, 3, 4).reshape(kh, kw, kt * cin, cout))
+  y = conv2d(taps[0], w[0])
+  for i in range(1, kt):
+    y = y + conv2d(taps[i], w[i])
+  return y
 
 
 def cached_conv(conv: CausalConv3d, x: jax.Array, cache: jax.Array | None):
