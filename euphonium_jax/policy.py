@@ -324,3 +324,13 @@ def make_prepare_program(policy: Policy):
                  for s in ("", "_group_std", "_zero_std_fraction")]
                 + (["process_reward"] if policy.arrs.scored.any() else []))}}
   return jax.jit(prepare, out_shardings=out_sh)
+
+
+def update_data(policy: Policy, outs: dict, prep: dict, prompt_index) -> dict:
+  """The update step's `data`: the rollout's stored arrays (`outs`, the process rewards
+  aside: they enter through `prep`'s advantages), the prepare program's advantages and
+  trained transitions, and the prompt index of each sample (the update gathers its text)."""
+  data = {k: outs[k] for k in policy.data_keys if k != "process_rewards"}
+  data.update(adv_outcome=prep["adv_outcome"], adv_process=prep["adv_process"],
+              steps=prep["steps"], prompt=prompt_index)
+  return data

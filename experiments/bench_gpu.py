@@ -357,9 +357,7 @@ class Bench:
           rewards, outs["process_rewards"], outs.get("sde_mask"),
           jax.random.fold_in(self.key, 5), jax.random.fold_in(self.key, 6))
       # One iteration's data as the stage assembles it (stages/grpo.py).
-      data = dict({k: outs[k] for k in pol.data_keys if k != "process_rewards"},
-                  prompt=prompt_index, **{k: prep[k] for k in ("adv_outcome", "adv_process",
-                                                               "steps")})
+      data = policy_lib.update_data(pol, outs, prep, prompt_index)
       idx = prep["orders"][0]
       tx = policy_lib.make_tx(config)
       # The update donates its state: its own copy of the mode's parameters.

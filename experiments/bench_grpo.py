@@ -265,9 +265,7 @@ def main(argv):
   prep = policy_lib.make_prepare_program(pol)(parallel.global_array(r, rep),
                                               outs["process_rewards"], outs.get("sde_mask"),
                                               k_steps, k_perm)
-  data = {k: outs[k] for k in pol.data_keys if k != "process_rewards"}
-  data.update(adv_outcome=prep["adv_outcome"], adv_process=prep["adv_process"],
-              steps=prep["steps"], prompt=prompt_index)
+  data = policy_lib.update_data(pol, outs, prep, prompt_index)
   idx = prep["orders"][0]
   update_step = policy_lib.make_update_step(pol, tx, state_sh, frozen_sh)
   compiled, lo, co = compile_timed(update_step, state, data, idx, frozen, table)

@@ -21,17 +21,13 @@ import numpy as np
 import optax
 import pytest
 
-from euphonium_jax import config as config_lib
 from euphonium_jax import bundles, checkpoint, embedded, parallel, report, sampling, training
 from euphonium_jax import policy as policy_lib
 from euphonium_jax.rl import grpo
+from conftest import tiny_world_config as tiny_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(REPO, "configs", "tiny.py")
-
-
-def tiny_config():
-  return config_lib.from_file(TINY)
 
 
 def perturb(tree, key, scale):

@@ -104,9 +104,7 @@ def test_update_step_counts_nonfinite_updates_in_a_row():
   prep = policy_lib.make_prepare_program(pol)(
       jnp.asarray(rng.normal(size=(2, pol.batch)), jnp.float32), outs["process_rewards"],
       None, jax.random.key(1), jax.random.key(2))
-  data = {k: outs[k] for k in pol.data_keys if k != "process_rewards"}
-  data.update(adv_outcome=prep["adv_outcome"], adv_process=prep["adv_process"],
-              steps=prep["steps"], prompt=pidx)
+  data = policy_lib.update_data(pol, outs, prep, pidx)
   nan_data = dict(data, adv_outcome=jnp.full_like(data["adv_outcome"], jnp.nan))
   step = policy_lib.make_update_step(pol, tx, state_sh, frozen_sh)
   seen = []

@@ -15,12 +15,9 @@ from euphonium_jax import embedded, prm_report
 from euphonium_jax.data import rollout_cache
 from euphonium_jax.models import prm as models_prm
 from euphonium_jax.rl import prm_losses
+from conftest import tiny_world_config as tiny_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def tiny_config():
-  return config_lib.from_file(os.path.join(REPO, "configs", "tiny.py"))
 
 
 @jax.jit

@@ -8,14 +8,10 @@ import jax
 import numpy as np
 import pytest
 
-from euphonium_jax import config as config_lib
 from euphonium_jax import checkpoint, main, report
+from conftest import tiny_world_config as tiny_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def tiny_config():
-  return config_lib.from_file(os.path.join(REPO, "configs", "tiny.py"))
 
 
 @pytest.fixture(scope="module")
@@ -125,8 +121,6 @@ def grpo_config(tiny_run, **grpo):
   c.init.prm = os.path.join(tiny_run, "prm", "final")
   c.grpo.update(eval_every=0, **grpo)
   return c
-
-
 
 
 def _is_timing(key):
