@@ -48,7 +48,7 @@ STEPS, GROUP, TEXT_LEN = 16, 8, 16
 SIZES = {  # name -> (latent H = W, transformer kwargs)
     "tiny": (16, dict(num_attention_heads=2, attention_head_dim=16, ffn_dim=64, num_layers=2,
                       freq_dim=32)),
-    "8x64, 8 layers": (32, dict(num_attention_heads=8, attention_head_dim=64, ffn_dim=2048,
+    "large": (32, dict(num_attention_heads=8, attention_head_dim=64, ffn_dim=2048,
                                 num_layers=8, freq_dim=256)),
 }
 
@@ -163,7 +163,9 @@ def bench(name: str, latent: int, kw: dict, repeats: int) -> dict:
     for _ in range(repeats):
       for k, f in fns.items():
         times[k].append(call(f))
-  return dict(name=name, latent=latent, kw=kw, times=times)
+  label = (f"{name} ({kw['num_attention_heads']} heads of {kw['attention_head_dim']}, "
+           f"{kw['num_layers']} layers)")
+  return dict(name=label, latent=latent, kw=kw, times=times)
 
 
 def table(rows, command: str, repeats: int) -> str:

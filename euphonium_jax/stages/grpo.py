@@ -174,14 +174,25 @@ def run(config, workdir: str) -> dict:
   eval_key = jax.random.fold_in(jax.random.key(config.eval.seed), 777)
   eval_prompts = generate.eval_prompts(config, prompt_set, eval_key)
 
+  # The training sampler on the same prompts and noise (eval.sde): guided, unguided.
+  sde_gens = {kind: generate.Generator(
+      config, vae, text, gen.model, mesh, nets, encode=encode,
+      sampler=generate.train_sampler(config, guided=kind == "guided"),
+      prm=None if prm is None else (nets.prm_fn(prm[0]), frozen["prm"]))
+      for kind in config.eval.sde}
+
   def evaluate(params, iteration: int) -> dict:
-    gen.model = (model_g, params, frozen["model_rest"])
+    row = {}
     t0 = time.time()
-    res = gen.evaluate(eval_key, os.path.join(out, "eval"), f"iter_{iteration:05d}",
+    for kind, g in [("", gen)] + [(f"_sde_{k}", v) for k, v in sde_gens.items()]:
+      g.model = (model_g, params, frozen["model_rest"])
+      res = g.evaluate(eval_key, os.path.join(out, "eval"), f"iter_{iteration:05d}{kind}",
                        prompts=eval_prompts[0], metadata=eval_prompts[1],
                        reward_name=built_rewards[eval_reward])
-    return {"eval_reward": res["reward_mean"], "eval_stderr": res["reward_stderr"],
-            "eval_seconds": time.time() - t0}
+      row.update({f"eval_reward{kind}": res["reward_mean"],
+                  f"eval_stderr{kind}": res["reward_stderr"]})
+    row["eval_seconds"] = time.time() - t0
+    return row
 
   # --------------------------------------------------------------------- Resume
   mgr = checkpoint.manager(os.path.join(out, "checkpoints"))
@@ -238,9 +249,7 @@ def run(config, workdir: str) -> dict:
       t0 = time.time()
       update_metrics = []
       if finite:
-        data = {k: outs[k] for k in pol.data_keys if k != "process_rewards"}
-        data.update(adv_outcome=prep["adv_outcome"], adv_process=prep["adv_process"],
-                    steps=prep["steps"], prompt=prompt_index)
+        data = policy_lib.update_data(pol, outs, prep, prompt_index)
         for j in range(gc.inner_epochs * updates_per_epoch):
           state, met = update_step(state, data, prep["orders"][j], frozen, table)
           update_metrics.append(met)
