@@ -153,6 +153,11 @@ def get_default_config() -> ml_collections.ConfigDict:
       # Prompts and noise of the grpo stage's evaluations. Independent of `seed`, so that runs
       # with different training seeds and methods are scored on the same prompts and noise.
       seed=0,
+      # The grpo stage's evaluations also sample the same prompts and noise with the training
+      # sampler (config.sampling; one sample per prompt, every step SDE): 'guided' with its PRM
+      # guidance, 'unguided' with guidance off (the gap between the two is what distillation
+      # is meant to close; metrics eval_reward_sde_guided / eval_reward_sde_unguided).
+      sde=(),
   ))
   c.sample = ml_collections.ConfigDict(dict(
       prompts=(),  # captions to sample; empty -> `eval.num_prompts` held-out prompts
@@ -211,7 +216,12 @@ def _default_grpo_config() -> ml_collections.ConfigDict:
       clip_range=1e-4,  # the ratio's clip: [1 - clip_range, 1 + clip_range]
       kl_coef=0.0,  # exact kernel KL to the frozen initial velocity (0 = off, no copy kept)
       distill_coef=0.0,  # explicit distillation D_k (0 = implicit only, the reference);
-      # needs kl_coef > 0 (alone, on-policy, it drifts: see config validation)
+      # its target: 'rollout' (the rollout's guided kernel, on-policy: needs kl_coef > 0 as an
+      # anchor, alone it drifts: see config validation) | 'frozen' (the guided kernel of a
+      # frozen snapshot of the parameters, taken at the start and every
+      # teacher_refresh_every iterations; 0 = never refreshed: the initial model's)
+      distill_teacher="rollout",
+      teacher_refresh_every=0,
       timestep_fraction=0.6,  # trained share of the N - 1 trainable transitions per sample
       step_selection="random",  # random (own subset per sample) | first (steps 0 .. K - 1 in
       # order, Flow-GRPO's); the last transition N - 1 is never trained
@@ -842,12 +852,29 @@ def _check_grpo(config, num_devices: int | None = None) -> None:
   if g.distill_coef > 0 and not arrs.guided.any():
     raise _error("grpo.distill_coef", g.distill_coef, "distillation acts on guided steps; "
                  "sampling.guidance.mode is 'off'")
-  if g.distill_coef > 0 and g.kl_coef == 0:
+  _one_of(config, "grpo.distill_teacher", ("rollout", "frozen"))
+  if g.teacher_refresh_every < 0 or int(g.teacher_refresh_every) != g.teacher_refresh_every:
+    raise _error("grpo.teacher_refresh_every", g.teacher_refresh_every,
+                 "an integer >= 0 (iterations between teacher snapshots; 0 = never)")
+  if g.distill_teacher == "frozen" and g.distill_coef == 0:
+    raise _error("grpo.distill_teacher", g.distill_teacher, "a frozen teacher is the target "
+                 "of explicit distillation: set grpo.distill_coef > 0 (or use 'rollout')")
+  if g.teacher_refresh_every and g.distill_teacher != "frozen":
+    raise _error("grpo.teacher_refresh_every", g.teacher_refresh_every,
+                 "refreshes the frozen teacher: set grpo.distill_teacher = 'frozen'")
+  if g.distill_coef > 0 and g.kl_coef == 0 and g.distill_teacher == "rollout":
     raise _error("grpo.distill_coef", g.distill_coef, "explicit distillation needs an anchor: "
-                 "set grpo.kl_coef > 0 too. On-policy, D_k pulls the unguided kernel to the "
-                 "current policy's guided one, so alone it adds the guidance shift again every "
-                 "iteration and drifts without bound; with the KL to the frozen reference the "
-                 "optimum is the reference's guided kernel")
+                 "set grpo.kl_coef > 0 too, or grpo.distill_teacher = 'frozen'. On-policy, "
+                 "D_k pulls the unguided kernel to the current policy's guided one, so alone it "
+                 "adds the guidance shift again every iteration and drifts without bound; with "
+                 "the KL to the frozen reference the optimum is the reference's guided kernel")
+  sde_evals = tuple(config.eval.sde)
+  if len(set(sde_evals)) != len(sde_evals) or not set(sde_evals) <= {"guided", "unguided"}:
+    raise _error("eval.sde", sde_evals, "a tuple of distinct 'guided' / 'unguided' (the "
+                 "training sampler with and without its PRM guidance)")
+  if "guided" in sde_evals and not arrs.guided.any():
+    raise _error("eval.sde", sde_evals, "'guided' evaluates the training sampler's PRM "
+                 "guidance, but sampling.guidance.mode is 'off' (or guides no step)")
   uses_prm = (arrs.scored.any() or g.advantage_mode != "none"
               or any(e[0] == "prm_final" for e in rewards))
   stages = tuple(config.stages)

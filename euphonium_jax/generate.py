@@ -43,6 +43,19 @@ def eval_prompts(config, prompt_set: prompts_lib.PromptSet, key) -> tuple[list, 
   return [prompts[i] for i in idx], [meta[i] for i in idx]
 
 
+def train_sampler(config, guided: bool) -> sampling.SamplerConfig:
+  """The training sampler (`config.sampling`) as an evaluation sampler: one sample per prompt
+  (no groups, no shared noise), every step an SDE step (no window); `guided=False` turns its
+  PRM guidance off (and with it the PRM scoring of steps)."""
+  s = sampling.sampler_config_from(config.sampling)
+  s = dataclasses.replace(s, group_size=1, share_noise_in_group=False,
+                          window=sampling.WindowConfig())
+  if not guided:
+    s = dataclasses.replace(s, guidance=dataclasses.replace(s.guidance, mode="off"),
+                            score_unguided_steps=False)
+  return s
+
+
 def negative_prompts(config, null_prompt: str, metadata) -> list[str]:
   """CFG's negative prompt of each prompt: its metadata's `negative_prompt`, else
   `data.negative_prompt`, else the bundle's null prompt."""
@@ -61,6 +74,9 @@ class Generator:
   encode: Optional[Callable] = None  # host prompts -> text dict (default: self.text's, as set)
   sampler: Optional[sampling.SamplerConfig] = None  # default: eval_sampler(config)
   cfg_scale: Optional[float] = None  # default: config.eval.cfg_scale
+  # (prm_fn ((params, rest), x, t, cond) -> [B], (params, rest)): the PRM a guided sampler's
+  # guidance (and scoring) uses; None for samplers that need none.
+  prm: Optional[tuple] = None
 
   def __post_init__(self):
     if self.nets is None:
@@ -101,11 +117,13 @@ class Generator:
     velocity = cfg_lib.cfg_velocity(self.nets.velocity_fn(self.model[0]), self.cfg_scale)
     decode = self.nets.decode_fn(self.vae[0])
 
+    prm_fn = None if self.prm is None else cfg_lib.text_only(self.prm[0])
+
     def program(params, key, cond):
-      rollout = sampling.make_rollout(velocity, None, sampler,
+      rollout = sampling.make_rollout(velocity, prm_fn, sampler,
                                       parallel.batch_sharding(self.mesh, len(shape) + 1))
       b = jax.tree.leaves(cond)[0].shape[0]
-      out = rollout(params["model"], None, key, cond, (b,) + tuple(shape))
+      out = rollout(params["model"], params.get("prm"), key, cond, (b,) + tuple(shape))
       return decode(params["vae"], out.x0_hat), out.x0_hat
 
     return jax.jit(program)
@@ -119,6 +137,8 @@ class Generator:
                                                 [{}] * len(prompts))
       cond["negative"] = self.text_cond(negatives)
     params = {"model": self.model[1:], "vae": self.vae[1:]}
+    if self.prm is not None:
+      params["prm"] = self.prm[1]
     n = len(prompts)
     dp = parallel.data_parallel_size(self.mesh)
     pad = (-n) % dp  # keep the batch divisible by the data-parallel size

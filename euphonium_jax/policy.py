@@ -48,7 +48,8 @@ def hyper(config, sampler: sampling.SamplerConfig) -> grpo.Hyper:
                     process_coef=float(g.process_coef),
                     outcome_weights=tuple(float(w) for _, w in g.rewards),
                     clip_range=float(g.clip_range), kl_coef=float(g.kl_coef),
-                    distill_coef=float(g.distill_coef), logprob_mean=sampler.logprob_mean)
+                    distill_coef=float(g.distill_coef), logprob_mean=sampler.logprob_mean,
+                    distill_teacher=str(g.distill_teacher))
 
 
 def make_tx(config):
@@ -245,6 +246,8 @@ def state_shardings(policy: Policy, tx, params, p_sh) -> dict:
         "step": rep, "nonfinite": rep, "rng": rep}
   if policy.hp.kl_coef > 0:
     sh["ref"] = p_sh
+  if policy.hp.distill_coef > 0 and policy.hp.distill_teacher == "frozen":
+    sh["teacher"] = p_sh
   if policy.config.grpo.ema_decay > 0:
     sh["ema"] = p_sh
   return sh
@@ -253,7 +256,8 @@ def state_shardings(policy: Policy, tx, params, p_sh) -> dict:
 def init_state(policy: Policy, tx, params, p_sh, reference: Callable | None = None):
   """(state, its shardings): parameters, optimiser state, step, non-finite counter, the RNG
   of `config.seed`, the KL reference (`reference(params)`: own buffers, the state is
-  donated) when `grpo.kl_coef > 0`, and an EMA of the parameters (updated after every
+  donated) when `grpo.kl_coef > 0`, the distillation teacher (a copy of the parameters) when
+  `grpo.distill_teacher = 'frozen'`, and an EMA of the parameters (updated after every
   optimiser step, `ema <- d ema + (1 - d) params`) when `grpo.ema_decay = d > 0`; placed with
   the shardings."""
   sh = state_shardings(policy, tx, params, p_sh)
@@ -262,6 +266,8 @@ def init_state(policy: Policy, tx, params, p_sh, reference: Callable | None = No
            "rng": jax.random.key_data(jax.random.key(policy.config.seed))}
   if policy.hp.kl_coef > 0:
     state["ref"] = (reference or (lambda p: jax.tree.map(jnp.copy, p)))(params)
+  if "teacher" in sh:
+    state["teacher"] = jax.tree.map(jnp.copy, params)
   if policy.config.grpo.ema_decay > 0:
     state["ema"] = jax.tree.map(jnp.copy, params)
   return training.place(state, sh), sh
@@ -334,3 +340,13 @@ def update_data(policy: Policy, outs: dict, prep: dict, prompt_index) -> dict:
   data.update(adv_outcome=prep["adv_outcome"], adv_process=prep["adv_process"],
               steps=prep["steps"], prompt=prompt_index)
   return data
+
+
+def refresh_teacher(policy: Policy, state: dict, iterations_done: int) -> dict:
+  """`state` with the frozen distillation teacher replaced by a copy of the parameters when
+  `grpo.teacher_refresh_every = K > 0` and `iterations_done` is a multiple of K (called after
+  each iteration's updates, before its checkpoint: a resumed run holds the same teacher)."""
+  k = int(policy.config.grpo.teacher_refresh_every)
+  if "teacher" in state and k > 0 and iterations_done % k == 0:
+    state = dict(state, teacher=jax.tree.map(jnp.copy, state["params"]))
+  return state

@@ -18,6 +18,7 @@ formulas (never by the module's own helpers):
 """
 
 import math
+import os
 
 import jax
 import jax.numpy as jnp
@@ -29,6 +30,8 @@ from euphonium_jax import sampling
 from euphonium_jax.rl import grpo
 
 from test_sampling_oracle import _k, exact_chain, oracle_prm, oracle_velocity
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 N_STEPS = 8
 GROUP = 4
@@ -583,3 +586,132 @@ def test_distillation_moves_unguided_sampler_to_tilted_law():
   assert np.all(np.abs(x_base.mean(0) - O_MU) < se + 0.01), x_base.mean(0)
   tilt = O_S**2 * O_W / O_BETA
   assert np.all((x_student.mean(0) - x_base.mean(0)) * np.sign(tilt) > 0.8 * np.abs(tilt))
+
+
+def _oracle_student():
+  """The distillation oracle's student: the exact Gaussian-flow velocity plus a per-step
+  affine correction p = {a, b} (zero = the teacher's own velocity)."""
+  base = dict(num_steps=O_N, shift=5.0, schedule="memoryless", eta=0.0)
+  guided_cfg = sampling.preset("ode", **base, guidance=dict(mode="theory", beta=O_BETA, start=0))
+  arrs = sampling.grid_arrays(guided_cfg)
+  mu, s, w = (jnp.asarray(a, jnp.float32) for a in (O_MU, O_S, O_W))
+  grid = jnp.asarray(arrs.t[:-1])
+
+  def velocity(p, x, t, c):
+    k = jnp.argmin(jnp.abs(t[:, None] - grid[None, :]), axis=1)
+    return oracle_velocity((mu, s), x, t, c) + p["b"][k] + p["a"][k] * x
+
+  zero = {"a": jnp.zeros((O_N, O_W.size), jnp.float32),
+          "b": jnp.zeros((O_N, O_W.size), jnp.float32)}
+  rollout = jax.jit(sampling.make_rollout(velocity, oracle_prm, guided_cfg, keep_means=True),
+                    static_argnames="latent_shape")
+  t64, g64 = arrs.t[:-1].astype(np.float64)[:, None], arrs.g.astype(np.float64)[:, None]
+  b_opt = -(g64**2 / O_BETA * _k(t64, O_S) * O_W / (1 + g64**2 * (1 - t64) / (2 * t64)))
+  return velocity, zero, rollout, arrs, (mu, s, w), b_opt
+
+
+def test_frozen_teacher_target_is_the_teachers_guided_mean():
+  """distill_teacher = 'frozen': D_k's target is mu(x_k; v_teacher) + the rollout's guidance
+  shift. With the teacher equal to the policy that rolled out, it is the stored guided mean
+  (the 'rollout' target) up to float32 rounding; with another teacher it is that teacher's
+  guided mean, computed here from the formula in float64."""
+  velocity, zero, rollout, arrs, prm_p, _ = _oracle_student()
+  rng = np.random.default_rng(5)
+  pol = {"a": jnp.asarray(0.1 * rng.normal(size=(O_N, 3)), jnp.float32),
+         "b": jnp.asarray(0.3 * rng.normal(size=(O_N, 3)), jnp.float32)}
+  m = 8
+  r = rollout(pol, prm_p, jax.random.key(3), None, (m, 3))
+  steps = jnp.broadcast_to(jnp.arange(O_N, dtype=jnp.int32), (m, O_N))
+  batch = grpo.Batch(r.latents, r.logprobs, jnp.zeros((m, 0)), jnp.zeros((m, O_N)), steps,
+                     None, r.means_guided, r.guidance)
+  hp_r = grpo.Hyper(mode="none", outcome_weights=(), distill_coef=1.0)
+  hp_f = hp_r._replace(distill_teacher="frozen")
+  student = {"a": pol["a"] * 0.5, "b": pol["b"] + 0.2}
+  for col in (0, 5, 11):
+    d_r = grpo.transition_loss(student, student, batch, col, velocity, arrs, hp_r)[1]["distill"]
+    d_f = grpo.transition_loss(student, student, batch, col, velocity, arrs, hp_f,
+                               teacher_params=pol)[1]["distill"]
+    assert float(d_f) == pytest.approx(float(d_r), rel=1e-4), col
+    d_z = float(grpo.transition_loss(student, student, batch, col, velocity, arrs, hp_f,
+                                     teacher_params=zero)[1]["distill"])
+    x = np.asarray(r.latents[:, col], np.float64)
+    t, tn, g = (float(a[col]) for a in (arrs.t, arrs.t[1:], arrs.g))
+    v = lambda p: np.asarray(velocity(p, jnp.asarray(x, jnp.float32),
+                                      jnp.full((m,), t, jnp.float32), None), np.float64)
+    shift = np.asarray(r.guidance[:, col], np.float64)
+    target = naive_mean(x, v(zero), t, tn, g) + shift
+    naive = np.mean((naive_mean(x, v(student), t, tn, g) - target) ** 2) / (2 * g * g * (t - tn))
+    assert d_z == pytest.approx(naive, rel=1e-4), col
+    assert abs(d_z - float(d_r)) > 1e-3 * naive  # another teacher, another target
+
+
+def test_frozen_teacher_on_policy_converges_where_the_rollout_target_drifts():
+  """Training on the student's OWN guided rollouts (on-policy, as the grpo stage does): with
+  the frozen teacher (the initial model, never refreshed) D alone converges to the closed-form
+  optimum b = the guidance shift in velocity units; with the rollout's target the guidance
+  shift is added again every iteration and the correction keeps growing past it."""
+  velocity, zero, rollout, arrs, prm_p, b_opt = _oracle_student()
+  m, iters = 64, 150
+  steps = jnp.broadcast_to(jnp.arange(O_N, dtype=jnp.int32), (m, O_N))
+  results = {}
+  for target in ("frozen", "rollout"):
+    hp = grpo.Hyper(mode="none", outcome_weights=(), distill_coef=1.0, distill_teacher=target)
+    tx = optax.adam(0.01)
+    update = grpo.make_update(velocity, tx, arrs, hp)
+
+    @jax.jit
+    def train_step(state, key):
+      r = rollout(state["params"], prm_p, key, None, (m, O_W.size))
+      batch = grpo.Batch(r.latents, r.logprobs, jnp.zeros((m, 0)), jnp.zeros((m, O_N)),
+                         steps, None, r.means_guided, r.guidance)
+      return update(state, batch)
+
+    state = {"params": zero, "opt": tx.init(zero)}
+    if target == "frozen":
+      state["teacher"] = zero
+    for i in range(iters):
+      state, met = train_step(state, jax.random.key(200 + i))
+    results[target] = np.asarray(state["params"]["b"], np.float64)
+  np.testing.assert_allclose(results["frozen"], b_opt, atol=1e-2)
+  # the on-policy rollout target has run past the optimum (where the frozen one stops)
+  big = np.abs(b_opt) > 0.05
+  assert np.all(np.abs(results["rollout"][big]) > 1.5 * np.abs(b_opt[big])), (
+      results["rollout"][big], b_opt[big])
+
+
+def test_frozen_teacher_config_and_refresh():
+  """grpo.distill_teacher / teacher_refresh_every are validated; the teacher is a copy of the
+  parameters taken every K iterations (policy.refresh_teacher) and otherwise left alone."""
+  import types
+  from euphonium_jax import config as config_lib
+  from euphonium_jax import policy as policy_lib
+  c = config_lib.from_file(os.path.join(REPO, "configs", "euphonium.py"))
+  c.grpo.update(distill_coef=0.3, distill_teacher="frozen", teacher_refresh_every=5)
+  config_lib.validate(c)  # no KL needed: the frozen teacher is the anchor
+  for key, value, needle in (
+      ("distill_teacher", "ema", "allowed values are 'rollout', 'frozen'"),
+      ("teacher_refresh_every", -1, "an integer >= 0"),
+      ("distill_coef", 0.0, "a frozen teacher is the target of explicit distillation")):
+    bad = config_lib.from_file(os.path.join(REPO, "configs", "euphonium.py"))
+    bad.grpo.update(distill_coef=0.3, distill_teacher="frozen", teacher_refresh_every=5)
+    bad.grpo[key] = value
+    with pytest.raises(config_lib.ConfigError, match=needle):
+      config_lib.validate(bad)
+  bad = config_lib.from_file(os.path.join(REPO, "configs", "euphonium.py"))
+  bad.grpo.update(distill_coef=0.3, kl_coef=0.1, teacher_refresh_every=5)
+  with pytest.raises(config_lib.ConfigError, match="refreshes the frozen teacher"):
+    config_lib.validate(bad)
+  bad.grpo.update(teacher_refresh_every=0, kl_coef=0.0)
+  with pytest.raises(config_lib.ConfigError, match="needs an anchor"):
+    config_lib.validate(bad)
+
+  pol = types.SimpleNamespace(config=c)
+  params = {"w": jnp.arange(3.0)}
+  state = {"params": params, "teacher": {"w": jnp.zeros(3)}}
+  for done in (1, 4, 6):
+    assert policy_lib.refresh_teacher(pol, state, done) is state
+  new = policy_lib.refresh_teacher(pol, state, 10)
+  np.testing.assert_array_equal(new["teacher"]["w"], params["w"])
+  assert new["teacher"]["w"] is not params["w"]  # its own buffer (the state is donated)
+  c.grpo.teacher_refresh_every = 0
+  assert policy_lib.refresh_teacher(pol, state, 10) is state

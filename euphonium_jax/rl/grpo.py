@@ -207,6 +207,7 @@ class Hyper(NamedTuple):
   kl_coef: float = 0.0
   distill_coef: float = 0.0
   logprob_mean: str = "unguided"   # the rollout's: log-probs under the unguided / guided mean
+  distill_teacher: str = "rollout"  # D_k's target: the rollout's guided mean | a frozen one's
 
 
 class Batch(NamedTuple):
@@ -237,8 +238,11 @@ def _take(a: jax.Array, idx: jax.Array) -> jax.Array:
 
 
 def transition_loss(params, ref_params, batch: Batch, col: int | jax.Array, velocity_fn,
-                    arrs: sampling.GridArrays, hp: Hyper):
-  """Loss of the `col`-th trained transition of every sample in `batch` and its diagnostics."""
+                    arrs: sampling.GridArrays, hp: Hyper, teacher_params=None):
+  """Loss of the `col`-th trained transition of every sample in `batch` and its diagnostics.
+
+  `teacher_params` (used when `hp.distill_teacher == 'frozen'`): the frozen teacher whose
+  guided kernel, mu(x_k; v_teacher) + the rollout's guidance shift at x_k, is D_k's target."""
   s = batch.steps[:, col]  # [M] step index per sample
   t_all, g_all = jnp.asarray(arrs.t), jnp.asarray(arrs.g)
   t, t_next, g = t_all[s], t_all[s + 1], g_all[s]
@@ -276,7 +280,12 @@ def transition_loss(params, ref_params, batch: Batch, col: int | jax.Array, velo
   dist = zero
   if hp.distill_coef > 0:
     mu = sampling.step_mean(x_k, v, t, t_next, g)
-    d = distillation(mu, _take(batch.means_guided, s), t, t_next, g)
+    if hp.distill_teacher == "frozen":  # the shift depends on x_k and the PRM only
+      v_teacher = velocity_fn(teacher_params, x_k, t_net, batch.cond).astype(jnp.float32)
+      target = sampling.step_mean(x_k, v_teacher, t, t_next, g) + _take(batch.guidance, s)
+    else:
+      target = _take(batch.means_guided, s)
+    d = distillation(mu, target, t, t_next, g)
     dist = jnp.mean(on(guided * d))
   loss = policy + hp.kl_coef * kl + hp.distill_coef * dist
   metrics = {"loss": loss, "policy_loss": policy, "kl": kl, "distill": dist,
@@ -292,9 +301,9 @@ def make_loss(velocity_fn: Callable, arrs: sampling.GridArrays, hp: Hyper):
   transitions (what one optimiser step minimises; `make_update` computes its gradient in
   micro-batches instead)."""
 
-  def loss(params, ref_params, batch: Batch):
+  def loss(params, ref_params, batch: Batch, teacher_params=None):
     k = batch.steps.shape[1]
-    outs = [transition_loss(params, ref_params, batch, j, velocity_fn, arrs, hp)
+    outs = [transition_loss(params, ref_params, batch, j, velocity_fn, arrs, hp, teacher_params)
             for j in range(k)]
     return (sum(o[0] for o in outs) / k,
             jax.tree.map(lambda *m: sum(m) / k, *[o[1] for o in outs]))
@@ -306,9 +315,10 @@ def make_update(velocity_fn: Callable, tx: optax.GradientTransformation,
                 guard: Callable | None = None, constrain: Callable | None = None):
   """The optimiser step `update(state, batch) -> (state, metrics)`.
 
-  `state` is `{'params', 'opt', 'ref', ...}` (`ref` the frozen reference parameters, used
-  when `hp.kl_coef > 0`); other keys pass through. The batch of M samples is split into
-  `accumulation` micro-batches; for each, and each of its K trained transitions, the
+  `state` is `{'params', 'opt', 'ref', 'teacher', ...}` (`ref` the frozen reference
+  parameters, used when `hp.kl_coef > 0`; `teacher` the frozen distillation teacher, used when
+  `hp.distill_teacher == 'frozen'`); other keys pass through. The batch of M samples is split
+  into `accumulation` micro-batches; for each, and each of its K trained transitions, the
   gradient of that transition's loss is accumulated (a `lax.scan`: memory of one forward
   and backward of a micro-batch). The step applies the mean gradient (the gradient of
   `make_loss`), unless the loss or the gradient is non-finite (`guard`:
@@ -320,6 +330,7 @@ def make_update(velocity_fn: Callable, tx: optax.GradientTransformation,
   def update(state, batch: Batch):
     params = state["params"]
     ref = state.get("ref", params)
+    teacher = state.get("teacher")
     m, k = batch.steps.shape
     if m % accumulation:
       raise ValueError(f"{m} samples per update do not split into {accumulation} micro-batches")
@@ -331,14 +342,14 @@ def make_update(velocity_fn: Callable, tx: optax.GradientTransformation,
         mb = constrain(mb)
 
       def one_col(acc, col):
-        (loss, met), g = grad_fn(params, ref, mb, col, velocity_fn, arrs, hp)
+        (loss, met), g = grad_fn(params, ref, mb, col, velocity_fn, arrs, hp, teacher)
         return jax.tree.map(jnp.add, acc, (g, met)), None
 
       return jax.lax.scan(one_col, acc, jnp.arange(k))[0], None
 
     zeros = (jax.tree.map(jnp.zeros_like, params),
              jax.eval_shape(lambda: grad_fn(params, ref, jax.tree.map(lambda a: a[0], micro),
-                                            0, velocity_fn, arrs, hp)[0][1]))
+                                            0, velocity_fn, arrs, hp, teacher)[0][1]))
     zeros = (zeros[0], jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), zeros[1]))
     grads, met = jax.lax.scan(one_micro, zeros, micro)[0]
     n = accumulation * k

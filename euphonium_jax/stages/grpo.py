@@ -36,7 +36,8 @@ and the result does not depend on the mesh. Prompt choice is a replicated host c
 and transition subsets and update orders replicated device ones (every process agrees).
 
 Checkpoints (`WORKDIR/grpo/checkpoints`, every `ckpt_every` iterations, and on SIGTERM):
-parameters, optimiser state, the KL reference (when `kl_coef > 0`), the RNG, the iteration
+parameters, optimiser state, the KL reference (when `kl_coef > 0`), the distillation teacher
+(when `distill_teacher = 'frozen'`; refreshed after an iteration's updates), the RNG, the iteration
 (which is also the data position: the prompts of iteration i are a function of (seed, i)) and
 the non-finite counter. Resuming reproduces an uninterrupted run exactly.
 
@@ -70,6 +71,8 @@ PRM_FINAL = policy_lib.PRM_FINAL
 LAYOUT_HINTS = {
     "ref": "grpo.kl_coef > 0 keeps a KL reference copy of the parameters (state 'ref')",
     "ema": "grpo.ema_decay > 0 keeps an EMA of the parameters (state 'ema')",
+    "teacher": "grpo.distill_teacher = 'frozen' keeps the distillation teacher (state "
+               "'teacher')",
     "params": "the trained parameters: the model, or wan.lora_rank / wan.lora_targets",
     "opt": "the optimiser state follows the trained parameters (wan.lora_rank / lora_targets)",
 }
@@ -261,6 +264,7 @@ def run(config, workdir: str) -> dict:
       _check_nonfinite(state, gc.max_nonfinite, mgr, it)
       update_s = time.time() - t0
       state["step"] = jax.device_put(jnp.asarray(it + 1, jnp.int32), rep)
+      state = policy_lib.refresh_teacher(pol, state, it + 1)
 
       # Log, evaluate, checkpoint.
       done = it + 1
