@@ -1,23 +1,40 @@
-r"""Convergence study: Euphonium against DanceGRPO, Flow-GRPO, Flow-GRPO-Fast and MixGRPO, with
-ablations.
+r"""Convergence study: Euphonium against DanceGRPO, Flow-GRPO, Flow-GRPO-Fast and MixGRPO at a
+budget where the baseline plateaus, with ablations, distillation measured and PRM quality.
 
-  python experiments/convergence.py                  # the full study (87 min on 2 CPU cores)
-  python experiments/convergence.py --quick          # the five methods, 1 seed
+  python experiments/convergence.py                      # the whole study, all parts
+  python experiments/convergence.py --parts methods      # one part (methods, ablations,
+                                                         #   distill, prm), resumable
+  python experiments/convergence.py --analyse            # tables and plot from finished runs
+  python experiments/convergence.py --quick              # five methods, 1 seed, short
 
 Every run is `python -m euphonium_jax.main` on one of the method configs
-(configs/euphonium.py, dance_grpo.py, flow_grpo.py, flow_grpo_fast.py, mix_grpo.py) with overrides, in its own workdir under
-`--workdir`; a finished run is skipped and an interrupted one resumes (the grpo stage's own
-checkpoints), so the study is resumable run by run. All runs share the base model, the
-prompts of iteration i (a function of (seed, i)) and the budget; evaluation is the stage's:
-Euler ODE on held-out prompts, no reward model, the same prompts and noise at every
-evaluation.
+(configs/euphonium.py, dance_grpo.py, flow_grpo.py, flow_grpo_fast.py, mix_grpo.py) with
+overrides, in its own workdir under `--workdir`; a finished run is skipped and an interrupted
+one resumes (the grpo stage's own checkpoints), so the study resumes run by run. All runs
+share the base model, the prompts of iteration i (a function of (seed, i)) and the budget;
+evaluation is the stage's: Euler ODE on held-out prompts, no reward model, the same prompts and
+noise at every evaluation of every run. Euphonium's runs (and the distillation runs) also
+evaluate the guided SDE sampler and the unguided SDE sampler on the same prompts and noise
+(`eval.sde`): the gap between them is what distillation should close.
 
-Analysis: the threshold is the DanceGRPO runs' mean final evaluation reward; each run's steps
-to reach it (linear interpolation between evaluations; never = not reached); the speed-up
-steps(DanceGRPO) / steps(Euphonium) with a bootstrap confidence interval over seeds; final
-rewards with standard errors over seeds; wall time per iteration (guidance costs time), so
-the speed-up in wall time too. Writes `--out`.md (table, command, machine) and `--out`.png
-(mean curves with bands of one standard error over seeds).
+Parts:
+  methods    the five methods at `--seeds` seeds;
+  ablations  Euphonium's ablations at `--ablation_seeds` seeds (paired with Euphonium's seeds);
+  distill    explicit distillation, `grpo.distill_coef` x `grpo.kl_coef` at seed 0, then the
+             best cell (highest final ODE reward) at `--ablation_seeds` seeds;
+  prm        PRMs trained on 1/4 and 1/2 of configs/prm.py's rollouts (the prm stage, its
+             report's Spearman), Euphonium with each at `--ablation_seeds` seeds.
+
+Analysis (`analyse`): two thresholds, each with a percentile bootstrap over seeds (every
+method's seeds resampled with replacement, thresholds and curves recomputed): the paper's (the
+baseline's plateau reward: DanceGRPO's seed-mean curve averaged over its last three
+evaluations) and the baseline's final mean. Steps to a threshold on the seed-mean curve
+(linear interpolation between evaluations; never = not reached); speed-up =
+steps(DanceGRPO) / steps(method), in wall time times the ratio of median seconds per
+iteration (rollout + update, measured in the same study). Whether DanceGRPO has flattened:
+its last three seed-mean evaluations within one standard error (over seeds) of each other.
+Ablations: paired differences against Euphonium, seed by seed (same seed = same training
+prompts and noise), mean and standard error over seeds. Writes `--out`.md and `--out`.png.
 """
 
 from __future__ import annotations
@@ -33,25 +50,52 @@ import time
 import numpy as np
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PARTS = ("methods", "ablations", "distill", "prm")
+BASELINE = "dance_grpo"
+SDE_EVAL = {"eval.sde": ("guided", "unguided")}
 
 METHODS = {
-    "euphonium": ("configs/euphonium.py", {}),
+    "euphonium": ("configs/euphonium.py", SDE_EVAL),
     "dance_grpo": ("configs/dance_grpo.py", {}),
     "flow_grpo": ("configs/flow_grpo.py", {}),
     "flow_grpo_fast": ("configs/flow_grpo_fast.py", {}),  # SDE on 2 random steps, ODE elsewhere
     "mix_grpo": ("configs/mix_grpo.py", {}),  # a sliding 4-step SDE window, ODE elsewhere
 }
-# Ablations of Euphonium (configs/euphonium.py: PRM-guided constant-noise SDE, outcome + process
-# advantage with the process reward = change of the PRM score across the step, no distillation).
+# Ablations of Euphonium (configs/euphonium.py: PRM-guided constant-noise SDE, theory guidance
+# with beta 0.5 on steps 8-15, outcome + process advantage with the process reward = change of
+# the PRM score across the step, no distillation).
 ABLATIONS = {
     "guidance_off_dual": ("configs/euphonium.py", {"sampling.guidance.mode": "off",
                                                    "sampling.score_unguided_steps": True}),
     "guided_outcome_only": ("configs/euphonium.py", {"grpo.advantage_mode": "none"}),
-    "memoryless": ("configs/euphonium.py", {"sampling.schedule": "memoryless"}),
-    "distill_on": ("configs/euphonium.py", {"grpo.distill_coef": 1.0, "grpo.kl_coef": 1.0}),
+    # The memoryless schedule with the theory strength: the exact tilt exp(R / beta).
+    "memoryless_theory": ("configs/euphonium.py", {"sampling.schedule": "memoryless"}),
     "process_pre": ("configs/euphonium.py", {"grpo.process_source": "pre"}),
     "process_post": ("configs/euphonium.py", {"grpo.process_source": "post"}),
+    # configs/euphonium_reference.py's sampler, rewards and advantages at Euphonium's batch
+    # (16 prompts x 8, one optimiser step of 128) and learning rate (the reference's 1e-6 does
+    # not move the small network): guidance 0.01 dt grad R (beta 3.125) on steps 12-15,
+    # the pre-step process reward with coefficient 1, the pixel reward with weight 2 plus the
+    # PRM of the final latent with weight 1, ratio clip 1e-4, advantage clip 5, 60% of the
+    # transitions, the last step's clean estimate scored.
+    "reference": ("configs/euphonium.py", {
+        "sampling.guidance.mode": "beta", "sampling.guidance.beta": 3.125,
+        "sampling.guidance.start": 12, "grpo.process_source": "pre", "grpo.process_coef": 1.0,
+        "grpo.rewards": (("shapes_fidelity", 2.0), ("prm_final", 1.0)),
+        "grpo.clip_range": 1e-4, "grpo.adv_clip": 5.0, "grpo.timestep_fraction": 0.6,
+        "grpo.score": "x0_hat"}),
 }
+DISTILL_COEFS = (0.1, 0.3, 1.0)
+KL_COEFS = (0.01, 0.1, 1.0)
+# A frozen teacher instead of the on-policy target (no KL): the initial model's guided kernel
+# (never refreshed) and a snapshot refreshed every 5 iterations.
+DISTILL_FROZEN = {
+    "distill_frozen_never": {"grpo.distill_coef": 0.3, "grpo.kl_coef": 0.0,
+                             "grpo.distill_teacher": "frozen", "grpo.teacher_refresh_every": 0},
+    "distill_frozen_every5": {"grpo.distill_coef": 0.3, "grpo.kl_coef": 0.0,
+                              "grpo.distill_teacher": "frozen", "grpo.teacher_refresh_every": 5},
+}
+PRM_FRACTIONS = {"prm_quarter": 4, "prm_half": 2}  # name -> 1 / fraction of the rollouts
 
 
 def _flag(key, value) -> str:
@@ -59,40 +103,80 @@ def _flag(key, value) -> str:
   return f"--config.{key}={value}" if isinstance(value, str) else f"--config.{key}={value!r}"
 
 
+def _call(cmd: list[str], log_path: str, what: str) -> None:
+  t0 = time.time()
+  print(f"[study] {what}: {' '.join(cmd[3:])}", flush=True)
+  with open(log_path, "a") as log:
+    rc = subprocess.call(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+  if rc != 0:
+    raise RuntimeError(f"[study] {what} failed (exit {rc}); see {log_path}")
+  print(f"[study] {what}: finished in {time.time() - t0:.0f} s", flush=True)
+
+
 def run_one(name: str, config: str, overrides: dict, seed: int, args) -> str:
   workdir = os.path.join(args.workdir, f"{name}_seed{seed}")
   if os.path.exists(os.path.join(workdir, "grpo", "final", "DONE")):
-    print(f"[study] {name} seed {seed}: done, skipping", flush=True)
     return workdir
   over = dict(overrides)
   over.update({"seed": seed, "grpo.iterations": args.iterations,
                "grpo.eval_every": args.eval_every, "eval.num_prompts": args.eval_prompts,
-               "stages": ("grpo",)})
+               "grpo.ckpt_every": args.eval_every, "stages": ("grpo",)})
   if args.prompts:
     over.update({"grpo.prompts_per_iteration": args.prompts,
                  "grpo.samples_per_update": args.prompts * 8})
   cmd = [sys.executable, "-m", "euphonium_jax.main", "--config",
          os.path.join(REPO, config), "--workdir", workdir] + [_flag(k, v) for k, v in over.items()]
-  print(f"[study] {name} seed {seed}: {' '.join(cmd[3:])}", flush=True)
-  t0 = time.time()
-  with open(os.path.join(args.workdir, f"{name}_seed{seed}.log"), "w") as log:
-    rc = subprocess.call(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
-  if rc != 0:
-    raise RuntimeError(f"[study] run {name} seed {seed} failed (exit {rc}); see its log in "
-                       f"{args.workdir}")
-  print(f"[study] {name} seed {seed}: finished in {time.time() - t0:.0f} s", flush=True)
+  _call(cmd, os.path.join(args.workdir, f"{name}_seed{seed}.log"), f"{name} seed {seed}")
   return workdir
 
 
-def read_run(workdir: str) -> dict:
-  rows = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
+def train_prm(name: str, fraction: int, args) -> str:
+  """The prm stage (configs/prm.py) on 1 / `fraction` of its training prompts -> its dir."""
+  workdir = os.path.join(args.workdir, name)
+  final = os.path.join(workdir, "prm", "final")
+  if not os.path.exists(os.path.join(final, "DONE")):
+    sys.path.insert(0, REPO)
+    from euphonium_jax import config as config_lib
+    n = config_lib.from_file(os.path.join(REPO, "configs", "prm.py")).prm.data.num_prompts
+    cmd = [sys.executable, "-m", "euphonium_jax.main", "--config",
+           os.path.join(REPO, "configs", "prm.py"), "--workdir", workdir,
+           _flag("prm.data.num_prompts", n // fraction)]
+    _call(cmd, os.path.join(args.workdir, f"{name}.log"), f"PRM on 1/{fraction} of the data")
+  return final
+
+
+def prm_quality(prm_dir: str) -> dict:
+  """Spearman(R_phi(x_t, t), final reward) per t bucket from a prm stage's report.json."""
+  path = os.path.join(os.path.dirname(prm_dir), "report.json")
+  if not os.path.exists(path):  # the shipped PRM
+    path = os.path.join(REPO, "assets", "embedded_prm_report.json")
+  with open(path) as f:
+    rep = json.load(f)
+  return rep
+
+
+def read_run(workdir: str) -> dict | None:
+  path = os.path.join(workdir, "metrics.jsonl")
+  if not os.path.exists(os.path.join(workdir, "grpo", "final", "DONE")):
+    return None
+  rows = [json.loads(line) for line in open(path)]
   rows = [r for r in rows if r.get("stage") == "grpo"]
-  evals = [(r["step"], r["eval_reward"], r["eval_stderr"]) for r in rows if "eval_reward" in r]
+  evals = [r for r in rows if "eval_reward" in r]
+  last = {}
+  for r in evals:  # a resumed run may repeat an evaluation: keep the last of each step
+    last[r["step"]] = r
+  evals = [last[s] for s in sorted(last)]
   train = [r for r in rows if "update_seconds" in r]
-  per_iter = float(np.median([r["rollout_seconds"] + r["update_seconds"] for r in train]))
-  return {"steps": np.array([e[0] for e in evals], float),
-          "reward": np.array([e[1] for e in evals], float),
-          "stderr": np.array([e[2] for e in evals], float), "seconds_per_iteration": per_iter}
+  out = {"steps": np.array([r["step"] for r in evals], float),
+         "reward": np.array([r["eval_reward"] for r in evals], float),
+         "stderr": np.array([r["eval_stderr"] for r in evals], float),
+         "seconds_per_iteration": float(np.median(
+             [r["rollout_seconds"] + r.get("reward_seconds", 0.0) + r["update_seconds"]
+              for r in train]))}
+  for kind in ("sde_guided", "sde_unguided"):
+    if all(f"eval_reward_{kind}" in r for r in evals):
+      out[kind] = np.array([r[f"eval_reward_{kind}"] for r in evals], float)
+  return out
 
 
 def steps_to(steps: np.ndarray, reward: np.ndarray, threshold: float) -> float:
@@ -106,28 +190,50 @@ def steps_to(steps: np.ndarray, reward: np.ndarray, threshold: float) -> float:
   return float("inf")
 
 
-def speedup(euph: np.ndarray, dance: np.ndarray, steps: np.ndarray) -> tuple[float, float, float]:
-  """(steps of DanceGRPO, steps of Euphonium, ratio) on the seed-mean curves.
-
-  `euph` and `dance` are [seeds, evaluations]. The threshold is DanceGRPO's mean final
-  reward, so DanceGRPO's mean curve reaches it at the last evaluation at the latest. Euphonium
-  never reaching it gives ratio 0; reaching it at the first evaluation gives inf.
-  """
-  threshold = dance[:, -1].mean()
-  sd = steps_to(steps, dance.mean(0), threshold)
-  se = steps_to(steps, euph.mean(0), threshold)
-  ratio = 0.0 if np.isinf(se) else (np.inf if se == 0 else sd / se)
-  return sd, se, ratio
+def plateau_threshold(base: np.ndarray) -> float:
+  """The paper's threshold: the baseline's seed-mean curve averaged over its last three
+  evaluations (its plateau reward). `base` is [seeds, evaluations]."""
+  return float(base.mean(0)[-3:].mean())
 
 
-def bootstrap_speedup(euph, dance, steps, n: int = 10000, seed: int = 0):
-  """Percentile 95% interval of `speedup`, resampling each method's seeds with replacement."""
+def final_threshold(base: np.ndarray) -> float:
+  """The baseline's mean final evaluation reward."""
+  return float(base[:, -1].mean())
+
+
+def speedup(curves: np.ndarray, base: np.ndarray, steps: np.ndarray, threshold_fn
+            ) -> tuple[float, float, float]:
+  """(steps of the baseline, steps of the method, ratio) on the seed-mean curves at
+  `threshold_fn(base)`; `curves` and `base` are [seeds, evaluations]. A method that never
+  reaches the threshold gives ratio 0; a baseline that never does (possible for the plateau
+  threshold) gives inf; reaching it at step 0 is inf too."""
+  threshold = threshold_fn(base)
+  sb = steps_to(steps, base.mean(0), threshold)
+  sm = steps_to(steps, curves.mean(0), threshold)
+  if np.isinf(sm):
+    return sb, sm, 0.0
+  return sb, sm, (np.inf if sm == 0 else sb / sm)
+
+
+def bootstrap_speedup(curves, base, steps, threshold_fn, n: int = 10000, seed: int = 0):
+  """Percentile 95% interval of `speedup`, resampling each side's seeds with replacement ->
+  (low, high, fraction of resamples in which the method never reached the threshold)."""
   rng = np.random.default_rng(seed)
   ratios = np.array([
-      speedup(euph[rng.integers(0, len(euph), len(euph))],
-              dance[rng.integers(0, len(dance), len(dance))], steps)[2] for _ in range(n)])
+      speedup(curves[rng.integers(0, len(curves), len(curves))],
+              base[rng.integers(0, len(base), len(base))], steps, threshold_fn)[2]
+      for _ in range(n)])
   return (float(np.percentile(ratios, 2.5)), float(np.percentile(ratios, 97.5)),
           float(np.mean(ratios == 0)))
+
+
+def paired(ablation: list[dict], reference: list[dict], key: str = "reward", at=-1):
+  """Seed-by-seed differences (ablation - reference) at evaluation `at` (or the mean over
+  evaluations, at=None) over the seeds both have -> (mean, SE over seeds, n)."""
+  n = min(len(ablation), len(reference))
+  pick = (lambda r: r[key][at]) if at is not None else (lambda r: r[key].mean())
+  d = np.array([pick(ablation[i]) - pick(reference[i]) for i in range(n)])
+  return float(d.mean()), _se(d), n
 
 
 def _cpu_model() -> str:
@@ -140,70 +246,179 @@ def _cpu_model() -> str:
   return platform.processor() or platform.machine()
 
 
-def _curves(rs: list[dict]) -> np.ndarray:
-  return np.stack([r["reward"] for r in rs])
+def _curves(rs: list[dict], key: str = "reward") -> np.ndarray:
+  return np.stack([r[key] for r in rs])
 
 
 def _se(x: np.ndarray) -> float:
+  x = np.asarray(x, float)
   return float(x.std(ddof=1) / np.sqrt(len(x))) if len(x) > 1 else float("nan")
 
 
-def analyse(runs: dict[str, list[dict]], args, command: str) -> str:
-  steps = runs["dance_grpo"][0]["steps"]
+def _steps_txt(x: float) -> str:
+  return "never" if np.isinf(x) else f"{x:.1f}"
+
+
+def _pm(mean: float, se: float) -> str:
+  return f"{mean:+.4f} +- {se:.4f}" if np.isfinite(se) else f"{mean:+.4f} (1 seed)"
+
+
+def analyse(runs: dict[str, list[dict]], args, command: str, prm_info: dict) -> str:
+  if BASELINE not in runs:
+    return "No finished DanceGRPO run yet: nothing to analyse.\n"
+  steps = runs[BASELINE][0]["steps"]
   for name, rs in runs.items():
     for r in rs:
       if not np.array_equal(r["steps"], steps):
         raise ValueError(f"{name}: evaluations at {r['steps']}, expected {steps}")
-  dance = _curves(runs["dance_grpo"])
-  threshold = float(dance[:, -1].mean())
-  start = float(dance[0, 0])
+  base = _curves(runs[BASELINE])
+  thresholds = {"plateau": (plateau_threshold, plateau_threshold(base)),
+                "final": (final_threshold, final_threshold(base))}
+  start = float(base[0, 0])
   spi = {k: float(np.median([r["seconds_per_iteration"] for r in v])) for k, v in runs.items()}
+  mean_b = base.mean(0)
+  se_b = base.std(0, ddof=1) / np.sqrt(len(base)) if len(base) > 1 else runs[BASELINE][0][
+      "stderr"]
+  last3 = mean_b[-3:]
+  flat = float(last3.max() - last3.min()) <= float(se_b[-3:].min())
   lines = [
       "# Convergence study on the embedded world\n",
       f"Command: `{command}`  ",
       f"Machine: {_cpu_model()}, {os.cpu_count()} cores, {time.strftime('%Y-%m-%d')}.  ",
-      f"Every run: {args.iterations} iterations of the grpo stage from the shipped base model "
-      f"and PRM; evaluation at iteration 0 and every {args.eval_every} on {args.eval_prompts} "
-      "held-out prompts (Euler ODE, 30 steps, no reward model; the same prompts and noise for "
-      "every run, so every curve starts at the same value).\n",
-      f"Threshold = DanceGRPO's mean final evaluation reward = {threshold:.4f} "
-      f"(start {start:.4f}).\n",
+      f"Every run: {int(steps[-1])} iterations of the grpo stage from the shipped base model "
+      f"and PRM; evaluation at iteration 0 and every {int(steps[1] - steps[0])} on "
+      f"{args.eval_prompts} held-out prompts (Euler ODE, 30 steps, no reward model; the same "
+      "prompts and noise for every run, so every curve starts at the same value).\n",
+      f"Baseline (DanceGRPO, {len(base)} seeds): start {start:.4f}; its last three seed-mean "
+      f"evaluations {', '.join(f'{x:.4f}' for x in last3)} (SE over seeds "
+      f"{', '.join(f'{x:.4f}' for x in se_b[-3:])}): "
+      + ("flattened (spread within one SE)." if flat else
+         "NOT flattened (spread larger than one SE): the budget is short of its plateau."),
+      f"Thresholds: plateau (the paper's: mean of those three) = "
+      f"{thresholds['plateau'][1]:.4f}; final (the baseline's final mean) = "
+      f"{thresholds['final'][1]:.4f}.\n",
+      "## Methods\n",
       "| run | seeds | final eval reward (mean +- SE over seeds) | gain over start | "
-      "steps to threshold, seed-mean curve (per seed) | s / iteration |",
-      "|---|---|---|---|---|---|"]
-  for name, rs in runs.items():
+      "steps to plateau thr., seed-mean (per seed) | steps to final thr. (per seed) | "
+      "s / iteration |",
+      "|---|---|---|---|---|---|---|"]
+
+  def row(name, rs):
     c = _curves(rs)
     final = c[:, -1]
-    per_seed = [steps_to(steps, x, threshold) for x in c]
-    fmt = ", ".join("never" if np.isinf(x) else f"{x:.1f}" for x in per_seed)
-    mean_steps = steps_to(steps, c.mean(0), threshold)
-    ms = "never" if np.isinf(mean_steps) else f"{mean_steps:.1f}"
+    cells = []
+    for fn, thr in thresholds.values():
+      per = ", ".join(_steps_txt(steps_to(steps, x, thr)) for x in c)
+      cells.append(f"{_steps_txt(steps_to(steps, c.mean(0), thr))} ({per})")
     se = _se(final)
     se_txt = f"{se:.4f}" if np.isfinite(se) else f"{rs[0]['stderr'][-1]:.4f} (prompts)"
-    lines.append(f"| {name} | {len(rs)} | {final.mean():.4f} +- {se_txt} | "
-                 f"{final.mean() - start:+.4f} | {ms} ({fmt}) | {spi[name]:.2f} |")
+    return (f"| {name} | {len(rs)} | {final.mean():.4f} +- {se_txt} | "
+            f"{final.mean() - start:+.4f} | {cells[0]} | {cells[1]} | {spi[name]:.2f} |")
+
+  for name in METHODS:
+    if name in runs:
+      lines.append(row(name, runs[name]))
+  lines += ["", "Speed-up over DanceGRPO (steps to the threshold on the seed-mean curves; "
+            "95% percentile bootstrap over seeds; wall = steps ratio x the ratio of median "
+            "seconds per iteration):\n",
+            "| method | threshold | DanceGRPO steps | method steps | speed-up in steps (95% CI) "
+            "| never reached in | iteration time vs DanceGRPO | speed-up in wall time (95% CI) |",
+            "|---|---|---|---|---|---|---|---|"]
+  for name in METHODS:
+    if name == BASELINE or name not in runs:
+      continue
+    c = _curves(runs[name])
+    wall = spi[BASELINE] / spi[name]
+    for tname, (fn, _) in thresholds.items():
+      sb, sm, ratio = speedup(c, base, steps, fn)
+      if len(c) > 1 and len(base) > 1:
+        lo, hi, never = bootstrap_speedup(c, base, steps, fn)
+        ci, ciw, nv = f" ({lo:.2f}-{hi:.2f})", f" ({lo * wall:.2f}-{hi * wall:.2f})", \
+            f"{never:.0%}"
+      else:
+        ci = ciw = nv = " (1 seed)"
+      lines.append(f"| {name} | {tname} | {_steps_txt(sb)} | {_steps_txt(sm)} | "
+                   f"{ratio:.2f}{ci} | {nv} | {1 / wall:.2f}x | {ratio * wall:.2f}{ciw} |")
   lines.append("")
-  lines.append("The +- of a single-seed row is the standard error over evaluation prompts, "
-               "which does not include training noise (seed-to-seed spread of the methods above "
-               "is the yardstick for those rows).\n")
-  euph = _curves(runs["euphonium"])
-  sd, se_, ratio = speedup(euph, dance, steps)
-  wall = spi["dance_grpo"] / spi["euphonium"]
-  if len(euph) > 1 and len(dance) > 1:
-    lo, hi, never = bootstrap_speedup(euph, dance, steps)
-    ci = (f" (95% bootstrap interval over seeds {lo:.2f}-{hi:.2f}; in {never:.0%} of the "
-          "resamples Euphonium's mean curve never reached the threshold, counted as 0)")
-    ci_wall = f" (interval {lo * wall:.2f}-{hi * wall:.2f})"
-  else:
-    ci = ci_wall = " (one seed: no interval)"
-  if np.isinf(se_):
-    lines.append(f"Speed-up: Euphonium's seed-mean curve never reached the threshold "
-                 f"(DanceGRPO's reached it at step {sd:.1f}).")
-  else:
-    lines.append(f"Speed-up of Euphonium over DanceGRPO in steps: {sd:.1f} / {se_:.1f} = "
-                 f"{ratio:.2f}{ci}.  ")
-    lines.append(f"In wall time: {ratio * wall:.2f}{ci_wall}; Euphonium's iteration costs "
-                 f"{1 / wall:.2f}x DanceGRPO's (PRM guidance in the rollout).")
+
+  abl = [n for n in list(ABLATIONS) + ["distill_best"] + list(PRM_FRACTIONS) if n in runs]
+  ref = runs.get("euphonium", [])
+  if abl and ref:
+    lines += ["## Ablations (paired with Euphonium seed by seed)\n",
+              "Difference = ablation - Euphonium for the same seed (same training prompts and "
+              "noise, same evaluation prompts and noise); mean +- SE over seeds, which includes "
+              "training noise.\n",
+              "| ablation | seeds | final eval reward | final minus Euphonium | mean over "
+              "evaluations minus Euphonium's | steps to final thr. (seed-mean) | s / iteration |",
+              "|---|---|---|---|---|---|---|"]
+    for name in abl:
+      rs = runs[name]
+      c = _curves(rs)
+      d_final = paired(rs, ref)
+      d_auc = paired(rs, ref, at=None)
+      lines.append(f"| {name} | {len(rs)} | {c[:, -1].mean():.4f} | {_pm(*d_final[:2])} | "
+                   f"{_pm(*d_auc[:2])} | "
+                   f"{_steps_txt(steps_to(steps, c.mean(0), thresholds['final'][1]))} | "
+                   f"{spi[name]:.2f} |")
+    lines.append("")
+
+  if ref and "sde_guided" in ref[0]:
+    lines += ["## Distillation: the guided sampler against the network's own samplers\n",
+              "Euphonium's runs, at every evaluation, on the same prompts and noise: the "
+              "guided SDE (the training sampler with PRM guidance), the unguided SDE (the same "
+              "SDE, guidance off: what the network does alone) and the ODE. Mean over seeds "
+              "(+- SE over seeds); gap = guided - unguided, paired per seed.\n",
+              "| iteration | guided SDE | unguided SDE | ODE | gap guided - unguided |",
+              "|---|---|---|---|---|"]
+    g, u, o = (_curves(ref, k) for k in ("sde_guided", "sde_unguided", "reward"))
+    for j, s in enumerate(steps):
+      cell = lambda a: f"{a[:, j].mean():.4f} +- {_se(a[:, j]):.4f}"
+      gap = g[:, j] - u[:, j]
+      lines.append(f"| {int(s)} | {cell(g)} | {cell(u)} | {cell(o)} | "
+                   f"{_pm(gap.mean(), _se(gap))} |")
+    lines.append("")
+    sweep = {k: v for k, v in runs.items() if k.startswith("distill_")}
+    if sweep:
+      lines += ["Explicit distillation (`grpo.distill_coef` x `grpo.kl_coef`, seed 0), final "
+                "evaluation; Euphonium seed 0 (no explicit distillation, no KL) for comparison:"
+                "\n", "| run | distill_coef | kl_coef | ODE | unguided SDE | guided SDE | gap |",
+                "|---|---|---|---|---|---|---|"]
+      r0 = ref[0]
+      lines.append(f"| euphonium seed 0 | 0 | 0 | {r0['reward'][-1]:.4f} | "
+                   f"{r0['sde_unguided'][-1]:.4f} | {r0['sde_guided'][-1]:.4f} | "
+                   f"{r0['sde_guided'][-1] - r0['sde_unguided'][-1]:+.4f} |")
+      for name, rs in sweep.items():
+        r = rs[0]
+        if name in DISTILL_FROZEN:
+          o = DISTILL_FROZEN[name]
+          d = o["grpo.distill_coef"]
+          k = f"0 (frozen teacher, refreshed every {o['grpo.teacher_refresh_every'] or 'never'})"
+        elif name == "distill_best":
+          d, k = "best", "best"
+        else:
+          d, k = name[len("distill_d"):].split("_k")
+        lines.append(f"| {name} | {d} | {k} | {r['reward'][-1]:.4f} | "
+                     f"{r['sde_unguided'][-1]:.4f} | {r['sde_guided'][-1]:.4f} | "
+                     f"{r['sde_guided'][-1] - r['sde_unguided'][-1]:+.4f} |")
+      lines.append("")
+
+  if prm_info:
+    lines += ["## PRM quality against speed-up\n",
+              "| PRM | training rollouts | Spearman, t <= 0.5 buckets (mean) | all buckets | "
+              "guidance check z | Euphonium seeds | final eval reward | "
+              "speed-up over DanceGRPO, final thr. |",
+              "|---|---|---|---|---|---|---|---|"]
+    for name, info in prm_info.items():
+      rs = runs.get(name if name != "shipped" else "euphonium")
+      if not rs:
+        continue
+      c = _curves(rs)
+      ratio = speedup(c, base, steps, final_threshold)[2]
+      lines.append(f"| {name} | {info['prompts']} | {info['spearman_low_t']:.3f} | "
+                   f"{info['spearman_all']:.3f} | {info['guidance_z']:.1f} | {len(rs)} | "
+                   f"{c[:, -1].mean():.4f} | "
+                   f"{ratio:.2f} |")
+    lines.append("")
   return "\n".join(lines) + "\n"
 
 
@@ -211,70 +426,140 @@ def plot(runs: dict[str, list[dict]], path: str) -> None:
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
-  has_ablations = any(n not in METHODS for n in runs)
-  fig, axes = plt.subplots(1, 2 if has_ablations else 1, figsize=(12 if has_ablations else 7, 4.5),
-                           squeeze=False, sharey=True)
-  panels = [(axes[0, 0], [n for n in runs if n in METHODS], "methods (band: +- 1 SE over seeds)")]
-  if has_ablations:
-    panels.append((axes[0, 1], ["euphonium"] + [n for n in runs if n not in METHODS],
-                   "ablations of Euphonium (1 seed: band = SE over prompts)"))
-  for ax, names, title in panels:
+  panels = [([n for n in METHODS if n in runs], "methods (band: +- 1 SE over seeds)", "reward")]
+  abl = [n for n in list(ABLATIONS) + list(PRM_FRACTIONS) + ["distill_best"] if n in runs]
+  if abl and "euphonium" in runs:
+    panels.append((["euphonium"] + abl, "ablations of Euphonium", "reward"))
+  if "euphonium" in runs and "sde_guided" in runs["euphonium"][0]:
+    panels.append((["sde_guided", "sde_unguided", "reward"], "Euphonium's samplers", None))
+  fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.5), squeeze=False,
+                           sharey=True)
+  for ax, (names, title, key) in zip(axes[0], panels):
     for name in names:
-      rs = runs[name]
+      rs, k = (runs[name], key) if key else (runs["euphonium"], name)
+      label = name if key else {"sde_guided": "guided SDE", "sde_unguided": "unguided SDE",
+                                "reward": "ODE"}[name]
       s = rs[0]["steps"]
-      r = _curves(rs)
+      r = _curves(rs, k)
       m = r.mean(0)
       se = r.std(0, ddof=1) / np.sqrt(len(rs)) if len(rs) > 1 else rs[0]["stderr"]
-      style = "-" if name in METHODS else "--"
-      line, = ax.plot(s, m, style, marker="o", markersize=3, label=f"{name} (n={len(rs)})")
+      line, = ax.plot(s, m, "-" if name in METHODS or not key else "--", marker="o",
+                      markersize=3, label=f"{label} (n={len(rs)})")
       ax.fill_between(s, m - se, m + se, color=line.get_color(), alpha=0.15)
     ax.set_title(title, fontsize=9)
     ax.set_xlabel("iteration (one optimiser step each)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
-  axes[0, 0].set_ylabel("held-out reward (ODE, no reward model)")
+  axes[0, 0].set_ylabel("held-out reward (no reward model)")
   fig.tight_layout()
   fig.savefig(path, dpi=110)
   plt.close(fig)
+
+
+def plan(args) -> list[tuple]:
+  """(part, name, config, overrides, seed) of every run, seed-major within a part, so that a
+  study stopped part-way has every method at the same number of seeds."""
+  out = []
+  if "methods" in args.parts:
+    out += [("methods", n, c, o, s) for s in range(args.seeds) for n, (c, o) in METHODS.items()]
+  if "ablations" in args.parts:
+    out += [("ablations", n, c, o, s) for s in range(args.ablation_seeds)
+            for n, (c, o) in ABLATIONS.items()]
+  if "distill" in args.parts:
+    out += [("distill", f"distill_d{d}_k{k}", "configs/euphonium.py",
+             dict(SDE_EVAL, **{"grpo.distill_coef": d, "grpo.kl_coef": k}), 0)
+            for d in DISTILL_COEFS for k in KL_COEFS]
+    out += [("distill", n, "configs/euphonium.py", dict(SDE_EVAL, **o), 0)
+            for n, o in DISTILL_FROZEN.items()]
+  return out
 
 
 def main() -> None:
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   p.add_argument("--workdir", default="/tmp/euph_convergence")
   p.add_argument("--out", default=os.path.join(REPO, "experiments", "results", "convergence"))
-  p.add_argument("--seeds", type=int, default=3)
-  p.add_argument("--ablation_seeds", type=int, default=1)
-  p.add_argument("--iterations", type=int, default=10)
-  p.add_argument("--eval_every", type=int, default=2)
+  p.add_argument("--parts", default=",".join(PARTS),
+                 help=f"comma-separated parts to run, of {', '.join(PARTS)}")
+  p.add_argument("--analyse", action="store_true",
+                 help="run nothing: tables and plot from the finished runs in --workdir")
+  p.add_argument("--seeds", type=int, default=5)
+  p.add_argument("--ablation_seeds", type=int, default=3)
+  p.add_argument("--iterations", type=int, default=30)
+  p.add_argument("--eval_every", type=int, default=3)
   p.add_argument("--eval_prompts", type=int, default=128)
   p.add_argument("--prompts", type=int, default=0,
                  help="grpo.prompts_per_iteration (and samples_per_update = prompts x 8) for "
                       "every run; 0 = the configs' own")
   p.add_argument("--quick", action="store_true",
                  help="the five methods only, 1 seed, 6 iterations, evaluation every 3 on 64 "
-                      "prompts (~10 minutes on 2 cores)")
-  p.add_argument("--no_ablations", action="store_true")
+                      "prompts")
   args = p.parse_args()
   if args.quick:
     args.seeds, args.iterations, args.eval_every, args.eval_prompts = 1, 6, 3, 64
-    args.no_ablations = True
+    args.parts = "methods"
     if args.out.endswith("convergence"):
       args.out += "_quick"
+  args.parts = tuple(x for x in args.parts.split(",") if x)
+  for part in args.parts:
+    if part not in PARTS:
+      p.error(f"--parts: {part!r} is not one of {', '.join(PARTS)}")
   os.makedirs(args.workdir, exist_ok=True)
   command = "python experiments/convergence.py " + " ".join(sys.argv[1:])
-  # Seed-major, so that a study stopped part-way has every method at the same number of seeds.
-  plan = [(n, c, o, s) for s in range(args.seeds) for n, (c, o) in METHODS.items()]
-  if not args.no_ablations:
-    plan += [(n, c, o, s) for n, (c, o) in ABLATIONS.items() for s in range(args.ablation_seeds)]
   runs: dict[str, list[dict]] = {}
-  for name, config, over, seed in plan:
-    runs.setdefault(name, []).append(read_run(run_one(name, config, over, seed, args)))
-  text = analyse(runs, args, command)
+
+  def add(name, workdir):
+    r = read_run(workdir)
+    if r is not None:
+      runs.setdefault(name, []).append(r)
+
+  work = [] if args.analyse else plan(args)
+  for part, name, config, over, seed in work:
+    run_one(name, config, over, seed, args)
+  # Distillation's best cell (highest final ODE reward at seed 0) at more seeds.
+  sweep = {f"distill_d{d}_k{k}": (d, k) for d in DISTILL_COEFS for k in KL_COEFS}
+  if "distill" in args.parts and not args.analyse:
+    finals = {n: read_run(os.path.join(args.workdir, f"{n}_seed0")) for n in sweep}
+    best = max(finals, key=lambda n: finals[n]["reward"][-1])  # every cell has run above
+    d, k = sweep[best]
+    for s in range(args.ablation_seeds):
+      run_one("distill_best", "configs/euphonium.py",
+              dict(SDE_EVAL, **{"grpo.distill_coef": d, "grpo.kl_coef": k}), s, args)
+  prm_info = {}
+  if "prm" in args.parts:
+    for name, frac in PRM_FRACTIONS.items():
+      if not args.analyse:
+        prm = train_prm(name, frac, args)
+        for s in range(args.ablation_seeds):
+          run_one(name, "configs/euphonium.py", {"init.prm": prm}, s, args)
+
+  # Read every finished run in the workdir (parts run earlier included).
+  names = (list(METHODS) + list(ABLATIONS) + list(sweep) + list(DISTILL_FROZEN) + ["distill_best"]
+           + list(PRM_FRACTIONS))
+  for name in names:
+    for s in range(max(args.seeds, args.ablation_seeds)):
+      add(name, os.path.join(args.workdir, f"{name}_seed{s}"))
+  for name, frac in [("shipped", 1)] + list(PRM_FRACTIONS.items()):
+    final = (os.path.join(REPO, "assets", "embedded", "prm") if name == "shipped"
+             else os.path.join(args.workdir, name, "prm", "final"))
+    if os.path.exists(os.path.join(final, "DONE")):
+      rep = prm_quality(final)
+      prm_info[name] = _spearman_summary(rep, frac)
+  text = analyse(runs, args, command, prm_info)
   os.makedirs(os.path.dirname(args.out), exist_ok=True)
   with open(args.out + ".md", "w") as f:
     f.write(text + f"\n![curves]({os.path.basename(args.out)}.png)\n")
-  plot(runs, args.out + ".png")
+  if BASELINE in runs:
+    plot(runs, args.out + ".png")
   print(text)
+
+
+def _spearman_summary(rep: dict, fraction: int) -> dict:
+  """The prm report's Spearman per t bucket -> mean over buckets with t <= 0.5 and overall."""
+  rows = [(float(b["t_hi"]), float(b["spearman"])) for b in rep["correlation"]["per_bucket"]]
+  return {"prompts": f"1/{fraction}" if fraction > 1 else "all",
+          "guidance_z": float(rep["guidance_check"]["grad_minus_random"]["z"]),
+          "spearman_low_t": float(np.mean([s for hi, s in rows if hi <= 0.5])),
+          "spearman_all": float(np.mean([s for _, s in rows]))}
 
 
 if __name__ == "__main__":

@@ -1,0 +1,82 @@
+"""experiments/convergence.py's analysis on synthetic curves with known answers."""
+import importlib.util
+import os
+import types
+
+import numpy as np
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+spec = importlib.util.spec_from_file_location(
+    "convergence", os.path.join(REPO, "experiments", "convergence.py"))
+conv = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(conv)
+
+STEPS = np.arange(0, 31, 3, dtype=float)  # 11 evaluations
+
+
+def run(curve, spi=10.0, **extra):
+  curve = np.asarray(curve, float)
+  return dict(steps=STEPS, reward=curve, stderr=np.full_like(curve, 0.01),
+              seconds_per_iteration=spi, **extra)
+
+
+def saturating(rate, top=0.5, start=0.4):
+  return start + (top - start) * (1 - np.exp(-rate * STEPS))
+
+
+def test_steps_to_interpolates_and_never():
+  assert conv.steps_to(STEPS, STEPS / 30, 0.5) == pytest.approx(15.0)
+  assert conv.steps_to(STEPS, STEPS / 30, 0.55) == pytest.approx(16.5)
+  assert conv.steps_to(STEPS, STEPS / 30, 0.0) == 0.0
+  assert np.isinf(conv.steps_to(STEPS, STEPS / 30, 2.0))
+
+
+def test_thresholds_and_speedup_of_a_curve_twice_as_fast():
+  base = np.stack([saturating(0.1) + e for e in (-0.002, 0.0, 0.002)])
+  fast = np.stack([saturating(0.2) + e for e in (-0.002, 0.0, 0.002)])
+  top = 0.4 + 0.1 * (1 - np.exp(-0.1 * STEPS))
+  assert conv.final_threshold(base) == pytest.approx(top[-1])
+  assert conv.plateau_threshold(base) == pytest.approx(top[-3:].mean())
+  sb, sm, ratio = conv.speedup(fast, base, STEPS, conv.plateau_threshold)
+  # the plateau threshold is below the final value, so the baseline reaches it before 30
+  assert sb < 30 and ratio == pytest.approx(2.0, rel=0.06)
+  lo, hi, never = conv.bootstrap_speedup(fast, base, STEPS, conv.plateau_threshold, n=500)
+  assert lo <= ratio <= hi and never == 0.0
+  slow = base - 0.05  # never reaches
+  assert conv.speedup(slow, base, STEPS, conv.final_threshold)[2] == 0.0
+
+
+def test_paired_differences_are_seed_by_seed():
+  ref = [run(saturating(0.1) + e) for e in (0.0, 0.03, -0.03)]
+  abl = [run(r["reward"] - 0.01) for r in ref]  # 0.01 below its own seed, every seed
+  mean, se, n = conv.paired(abl, ref)
+  assert mean == pytest.approx(-0.01) and se == pytest.approx(0.0, abs=1e-12) and n == 3
+  # unpaired, the seed spread (0.03) would swamp the difference; paired it does not
+  assert conv.paired(abl, ref, at=None)[0] == pytest.approx(-0.01)
+
+
+def test_analyse_writes_every_table():
+  runs = {
+      "euphonium": [run(saturating(0.3) + e, 12.0, sde_guided=saturating(0.3) + 0.05 + e,
+                        sde_unguided=saturating(0.3) + 0.01 + e) for e in (-0.01, 0, 0.01)],
+      "dance_grpo": [run(saturating(0.1) + e) for e in (-0.01, 0, 0.01)],
+      "flow_grpo": [run(saturating(0.05) + e, 9.0) for e in (-0.01, 0, 0.01)],
+      "guidance_off_dual": [run(saturating(0.3) - 0.02 + e, 11.0) for e in (-0.01, 0, 0.01)],
+      "distill_d0.1_k0.1": [run(saturating(0.3), 13.0, sde_guided=saturating(0.3) + 0.03,
+                                sde_unguided=saturating(0.3) + 0.02)],
+  }
+  args = types.SimpleNamespace(eval_prompts=128)
+  info = {"shipped": {"prompts": "all", "spearman_low_t": 0.65, "spearman_all": 0.66,
+                      "guidance_z": 13.3}}
+  text = conv.analyse(runs, args, "cmd", info)
+  for needle in ("## Methods", "| euphonium | plateau |", "| euphonium | final |",
+                 "| guidance_off_dual | 3 |", "-0.0200 +- 0.0000", "## Distillation",
+                 "| 30 |", "+0.0400 +- 0.0000", "| distill_d0.1_k0.1 | 0.1 | 0.1 |",
+                 "## PRM quality", "| shipped | all | 0.650 |", "flattened"):
+    assert needle in text, needle
+  # wall-time speed-up = steps ratio x (10 s / 12 s)
+  line = next(l for l in text.splitlines() if l.startswith("| euphonium | final |"))
+  cells = [c.strip() for c in line.split("|")]
+  steps_ratio = float(cells[5].split()[0])
+  assert float(cells[8].split()[0]) == pytest.approx(steps_ratio * 10 / 12, abs=0.01)
