@@ -6,6 +6,7 @@ budget where the baseline plateaus, with ablations, distillation measured and PR
                                                          #   distill, prm), resumable
   python experiments/convergence.py --analyse            # tables and plot from finished runs
   python experiments/convergence.py --quick              # five methods, 1 seed, short
+  python experiments/convergence.py --prompts 8 --eval_every 5 --jobs 2   # the settings in use
 
 Every run is `python -m euphonium_jax.main` on one of the method configs
 (configs/euphonium.py, dance_grpo.py, flow_grpo.py, flow_grpo_fast.py, mix_grpo.py) with
@@ -18,6 +19,9 @@ evaluate the guided SDE sampler and the unguided SDE sampler on the same prompts
 (`eval.sde`): the gap between them is what distillation should close.
 
 Parts:
+  timing     each method alone on the machine (seed 0, `--timing_iterations` iterations): the
+             iteration times the wall-time speed-ups use (runs side by side, `--jobs` > 1,
+             share the machine and time each other);
   methods    the five methods at `--seeds` seeds;
   ablations  Euphonium's ablations at `--ablation_seeds` seeds (paired with Euphonium's seeds);
   distill    explicit distillation, `grpo.distill_coef` x `grpo.kl_coef` at seed 0, then the
@@ -40,9 +44,11 @@ prompts and noise), mean and standard error over seeds. Writes `--out`.md and `-
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import json
 import os
 import platform
+import queue
 import subprocess
 import sys
 import time
@@ -50,7 +56,7 @@ import time
 import numpy as np
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PARTS = ("methods", "ablations", "distill", "prm")
+PARTS = ("timing", "methods", "ablations", "distill", "prm")
 BASELINE = "dance_grpo"
 SDE_EVAL = {"eval.sde": ("guided", "unguided")}
 
@@ -103,11 +109,31 @@ def _flag(key, value) -> str:
   return f"--config.{key}={value}" if isinstance(value, str) else f"--config.{key}={value!r}"
 
 
-def _call(cmd: list[str], log_path: str, what: str) -> None:
+_CORES = queue.Queue()  # free core sets, one per concurrent run (`--jobs`)
+
+
+def _env(args) -> dict:
+  """The runs' environment: JAX's persistent compilation cache shared by every run of the
+  study (the seeds of a method compile the same programs: ~75 s a run saved on 2 cores)."""
+  env = dict(os.environ)
+  env.setdefault("JAX_COMPILATION_CACHE_DIR", args.compilation_cache
+                 or os.path.join(args.workdir, "jax_cache"))
+  env.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
+  return env
+
+
+def _call(cmd: list[str], log_path: str, what: str, args) -> None:
   t0 = time.time()
-  print(f"[study] {what}: {' '.join(cmd[3:])}", flush=True)
-  with open(log_path, "a") as log:
-    rc = subprocess.call(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+  cores = _CORES.get() if args.jobs > 1 else None
+  where = f" [cores {sorted(cores)}]" if cores else ""
+  print(f"[study] {what}{where}: {' '.join(cmd[3:])}", flush=True)
+  try:
+    with open(log_path, "a") as log:
+      rc = subprocess.call(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env=_env(args),
+                           preexec_fn=(lambda: os.sched_setaffinity(0, cores)) if cores else None)
+  finally:
+    if cores:
+      _CORES.put(cores)
   if rc != 0:
     raise RuntimeError(f"[study] {what} failed (exit {rc}); see {log_path}")
   print(f"[study] {what}: finished in {time.time() - t0:.0f} s", flush=True)
@@ -126,8 +152,40 @@ def run_one(name: str, config: str, overrides: dict, seed: int, args) -> str:
                  "grpo.samples_per_update": args.prompts * 8})
   cmd = [sys.executable, "-m", "euphonium_jax.main", "--config",
          os.path.join(REPO, config), "--workdir", workdir] + [_flag(k, v) for k, v in over.items()]
-  _call(cmd, os.path.join(args.workdir, f"{name}_seed{seed}.log"), f"{name} seed {seed}")
+  _call(cmd, os.path.join(args.workdir, f"{name}_seed{seed}.log"), f"{name} seed {seed}", args)
   return workdir
+
+
+def run_many(runs: list[tuple], args) -> None:
+  """(name, config, overrides, seed) runs, `--jobs` at a time, each pinned to its own share of
+  the cores (one process per core computes more per second than one process on all of them:
+  1.2x on 2 AMD cores for DanceGRPO's iteration); the first failure stops the study."""
+  if args.jobs <= 1:
+    for r in runs:
+      run_one(*r, args)
+    return
+  with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:
+    futures = [pool.submit(run_one, *r, args) for r in runs]
+    for f in concurrent.futures.as_completed(futures):
+      f.result()
+
+
+def run_timing(args) -> None:
+  """Each method alone on every core (never beside another run), `--timing_iterations`
+  iterations at the study's batch: the iteration times the wall-time speed-ups use."""
+  for name, (config, over) in METHODS.items():
+    workdir = os.path.join(args.workdir, f"timing_{name}")
+    if os.path.exists(os.path.join(workdir, "grpo", "final", "DONE")):
+      continue
+    over = dict(over, **{"seed": 0, "grpo.iterations": args.timing_iterations,
+                         "grpo.eval_every": args.timing_iterations, "eval.num_prompts": 8,
+                         "eval.sde": (), "stages": ("grpo",)})
+    if args.prompts:
+      over.update({"grpo.prompts_per_iteration": args.prompts,
+                   "grpo.samples_per_update": args.prompts * 8})
+    cmd = [sys.executable, "-m", "euphonium_jax.main", "--config",
+           os.path.join(REPO, config), "--workdir", workdir] + [_flag(k, v) for k, v in over.items()]
+    _call(cmd, workdir + ".log", f"timing {name}", argparse.Namespace(**{**vars(args), "jobs": 1}))
 
 
 def train_prm(name: str, fraction: int, args) -> str:
@@ -141,7 +199,8 @@ def train_prm(name: str, fraction: int, args) -> str:
     cmd = [sys.executable, "-m", "euphonium_jax.main", "--config",
            os.path.join(REPO, "configs", "prm.py"), "--workdir", workdir,
            _flag("prm.data.num_prompts", n // fraction)]
-    _call(cmd, os.path.join(args.workdir, f"{name}.log"), f"PRM on 1/{fraction} of the data")
+    _call(cmd, os.path.join(args.workdir, f"{name}.log"), f"PRM on 1/{fraction} of the data",
+          argparse.Namespace(**{**vars(args), "jobs": 1}))
   return final
 
 
@@ -263,7 +322,10 @@ def _pm(mean: float, se: float) -> str:
   return f"{mean:+.4f} +- {se:.4f}" if np.isfinite(se) else f"{mean:+.4f} (1 seed)"
 
 
-def analyse(runs: dict[str, list[dict]], args, command: str, prm_info: dict) -> str:
+def analyse(runs: dict[str, list[dict]], args, command: str, prm_info: dict,
+            timing: dict[str, float] | None = None) -> str:
+  """The report's text. `timing`: method -> median seconds per iteration of its timing run
+  (alone on the machine); it replaces the runs' own (possibly run side by side) medians."""
   if BASELINE not in runs:
     return "No finished DanceGRPO run yet: nothing to analyse.\n"
   steps = runs[BASELINE][0]["steps"]
@@ -276,6 +338,9 @@ def analyse(runs: dict[str, list[dict]], args, command: str, prm_info: dict) -> 
                 "final": (final_threshold, final_threshold(base))}
   start = float(base[0, 0])
   spi = {k: float(np.median([r["seconds_per_iteration"] for r in v])) for k, v in runs.items()}
+  timed_alone = bool(timing) and all(k in timing for k in METHODS if k in runs)
+  if timed_alone:
+    spi.update({k: timing[k] for k in METHODS if k in runs})
   mean_b = base.mean(0)
   se_b = base.std(0, ddof=1) / np.sqrt(len(base)) if len(base) > 1 else runs[BASELINE][0][
       "stderr"]
@@ -288,7 +353,15 @@ def analyse(runs: dict[str, list[dict]], args, command: str, prm_info: dict) -> 
       f"Every run: {int(steps[-1])} iterations of the grpo stage from the shipped base model "
       f"and PRM; evaluation at iteration 0 and every {int(steps[1] - steps[0])} on "
       f"{args.eval_prompts} held-out prompts (Euler ODE, 30 steps, no reward model; the same "
-      "prompts and noise for every run, so every curve starts at the same value).\n",
+      "prompts and noise for every run, so every curve starts at the same value)"
+      + (f"; training batch {args.prompts} prompts x 8 samples, one optimiser step per "
+         "iteration" if args.prompts else "; the configs' training batch")
+      + (f"; {args.jobs} runs at a time, each on its own core(s)" if args.jobs > 1 else "")
+      + ".  ",
+      ("Seconds per iteration (rollout + rewards + update, median): from each method's timing "
+       f"run (seed 0, {args.timing_iterations} iterations, alone on the machine)."
+       if timed_alone else "Seconds per iteration (rollout + rewards + update, median): "
+       "from the runs themselves.") + "\n",
       f"Baseline (DanceGRPO, {len(base)} seeds): start {start:.4f}; its last three seed-mean "
       f"evaluations {', '.join(f'{x:.4f}' for x in last3)} (SE over seeds "
       f"{', '.join(f'{x:.4f}' for x in se_b[-3:])}): "
@@ -296,7 +369,11 @@ def analyse(runs: dict[str, list[dict]], args, command: str, prm_info: dict) -> 
          "NOT flattened (spread larger than one SE): the budget is short of its plateau."),
       f"Thresholds: plateau (the paper's: mean of those three) = "
       f"{thresholds['plateau'][1]:.4f}; final (the baseline's final mean) = "
-      f"{thresholds['final'][1]:.4f}.\n",
+      f"{thresholds['final'][1]:.4f}."
+      + ("" if min(v for _, v in thresholds.values()) > start else
+         f" A threshold at or below the start ({start:.4f}): the baseline did not improve, so "
+         "every run reaches it at iteration 0 and that threshold's speed-ups (inf) are "
+         "undefined, not a result.") + "\n",
       "## Methods\n",
       "| run | seeds | final eval reward (mean +- SE over seeds) | gain over start | "
       "steps to plateau thr., seed-mean (per seed) | steps to final thr. (per seed) | "
@@ -456,6 +533,14 @@ def plot(runs: dict[str, list[dict]], path: str) -> None:
   plt.close(fig)
 
 
+def _core_sets(jobs: int) -> list[set[int]]:
+  """This process's cores split into `jobs` disjoint sets (round robin)."""
+  cores = sorted(os.sched_getaffinity(0))
+  if jobs > len(cores):
+    raise SystemExit(f"--jobs {jobs}: more than the {len(cores)} cores this process may use")
+  return [set(cores[i::jobs]) for i in range(jobs)]
+
+
 def plan(args) -> list[tuple]:
   """(part, name, config, overrides, seed) of every run, seed-major within a part, so that a
   study stopped part-way has every method at the same number of seeds."""
@@ -490,12 +575,21 @@ def main() -> None:
   p.add_argument("--prompts", type=int, default=0,
                  help="grpo.prompts_per_iteration (and samples_per_update = prompts x 8) for "
                       "every run; 0 = the configs' own")
+  p.add_argument("--jobs", type=int, default=1,
+                 help="runs at a time, each pinned to its own share of the cores (the timing "
+                      "part and PRM training always run alone)")
+  p.add_argument("--timing_iterations", type=int, default=5)
+  p.add_argument("--compilation_cache", default="",
+                 help="JAX's persistent compilation cache for the runs (default: under "
+                      "--workdir; JAX_COMPILATION_CACHE_DIR in the environment wins)")
   p.add_argument("--quick", action="store_true",
-                 help="the five methods only, 1 seed, 6 iterations, evaluation every 3 on 64 "
-                      "prompts")
+                 help="the five methods only, 1 seed, 6 iterations of 8 prompts x 8, "
+                      "evaluation every 3 on 64 prompts, 2 runs at a time")
   args = p.parse_args()
   if args.quick:
     args.seeds, args.iterations, args.eval_every, args.eval_prompts = 1, 6, 3, 64
+    args.prompts = args.prompts or 8
+    args.jobs = max(args.jobs, min(2, len(os.sched_getaffinity(0))))
     args.parts = "methods"
     if args.out.endswith("convergence"):
       args.out += "_quick"
@@ -512,25 +606,28 @@ def main() -> None:
     if r is not None:
       runs.setdefault(name, []).append(r)
 
+  for c in _core_sets(args.jobs):
+    _CORES.put(c)
+  if "timing" in args.parts and not args.analyse:
+    run_timing(args)
   work = [] if args.analyse else plan(args)
-  for part, name, config, over, seed in work:
-    run_one(name, config, over, seed, args)
+  run_many([(name, config, over, seed) for part, name, config, over, seed in work], args)
   # Distillation's best cell (highest final ODE reward at seed 0) at more seeds.
   sweep = {f"distill_d{d}_k{k}": (d, k) for d in DISTILL_COEFS for k in KL_COEFS}
   if "distill" in args.parts and not args.analyse:
     finals = {n: read_run(os.path.join(args.workdir, f"{n}_seed0")) for n in sweep}
     best = max(finals, key=lambda n: finals[n]["reward"][-1])  # every cell has run above
     d, k = sweep[best]
-    for s in range(args.ablation_seeds):
-      run_one("distill_best", "configs/euphonium.py",
-              dict(SDE_EVAL, **{"grpo.distill_coef": d, "grpo.kl_coef": k}), s, args)
+    run_many([("distill_best", "configs/euphonium.py",
+               dict(SDE_EVAL, **{"grpo.distill_coef": d, "grpo.kl_coef": k}), s)
+              for s in range(args.ablation_seeds)], args)
   prm_info = {}
   if "prm" in args.parts:
     for name, frac in PRM_FRACTIONS.items():
       if not args.analyse:
         prm = train_prm(name, frac, args)
-        for s in range(args.ablation_seeds):
-          run_one(name, "configs/euphonium.py", {"init.prm": prm}, s, args)
+        run_many([(name, "configs/euphonium.py", {"init.prm": prm}, s)
+                  for s in range(args.ablation_seeds)], args)
 
   # Read every finished run in the workdir (parts run earlier included).
   names = (list(METHODS) + list(ABLATIONS) + list(sweep) + list(DISTILL_FROZEN) + ["distill_best"]
@@ -544,7 +641,12 @@ def main() -> None:
     if os.path.exists(os.path.join(final, "DONE")):
       rep = prm_quality(final)
       prm_info[name] = _spearman_summary(rep, frac)
-  text = analyse(runs, args, command, prm_info)
+  timing = {}
+  for name in METHODS:
+    r = read_run(os.path.join(args.workdir, f"timing_{name}"))
+    if r is not None:
+      timing[name] = r["seconds_per_iteration"]
+  text = analyse(runs, args, command, prm_info, timing)
   os.makedirs(os.path.dirname(args.out), exist_ok=True)
   with open(args.out + ".md", "w") as f:
     f.write(text + f"\n![curves]({os.path.basename(args.out)}.png)\n")

@@ -66,7 +66,7 @@ def test_analyse_writes_every_table():
       "distill_d0.1_k0.1": [run(saturating(0.3), 13.0, sde_guided=saturating(0.3) + 0.03,
                                 sde_unguided=saturating(0.3) + 0.02)],
   }
-  args = types.SimpleNamespace(eval_prompts=128)
+  args = types.SimpleNamespace(eval_prompts=128, prompts=8, jobs=2, timing_iterations=5)
   info = {"shipped": {"prompts": "all", "spearman_low_t": 0.65, "spearman_all": 0.66,
                       "guidance_z": 13.3}}
   text = conv.analyse(runs, args, "cmd", info)
@@ -80,3 +80,15 @@ def test_analyse_writes_every_table():
   cells = [c.strip() for c in line.split("|")]
   steps_ratio = float(cells[5].split()[0])
   assert float(cells[8].split()[0]) == pytest.approx(steps_ratio * 10 / 12, abs=0.01)
+  assert "from the runs themselves" in text and "2 runs at a time" in text
+  # iteration times of timing runs (alone on the machine) replace the runs' own
+  text = conv.analyse(runs, args, "cmd", info, timing={"euphonium": 6.0, "dance_grpo": 4.0,
+                                                       "flow_grpo": 5.0})
+  assert "from each method's timing run" in text and "undefined" not in text
+  # a baseline that got worse: its thresholds lie below the start, the speed-ups are undefined
+  worse = dict(runs, dance_grpo=[run(saturating(0.1)[::-1] - 0.2 + e) for e in (-0.01, 0, 0.01)])
+  assert "did not improve" in conv.analyse(worse, args, "cmd", info)
+  line = next(l for l in text.splitlines() if l.startswith("| euphonium | final |"))
+  cells = [c.strip() for c in line.split("|")]
+  assert float(cells[8].split()[0]) == pytest.approx(float(cells[5].split()[0]) * 4 / 6,
+                                                     abs=0.01)
