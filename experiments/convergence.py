@@ -218,7 +218,8 @@ def read_run(workdir: str) -> dict | None:
   path = os.path.join(workdir, "metrics.jsonl")
   if not os.path.exists(os.path.join(workdir, "grpo", "final", "DONE")):
     return None
-  rows = [json.loads(line) for line in open(path)]
+  with open(path) as f:
+    rows = [json.loads(line) for line in f]
   rows = [r for r in rows if r.get("stage") == "grpo"]
   evals = [r for r in rows if "eval_reward" in r]
   last = {}
@@ -297,9 +298,10 @@ def paired(ablation: list[dict], reference: list[dict], key: str = "reward", at=
 
 def _cpu_model() -> str:
   try:
-    for line in open("/proc/cpuinfo"):
-      if line.startswith("model name"):
-        return line.split(":", 1)[1].strip()
+    with open("/proc/cpuinfo") as f:
+      for line in f:
+        if line.startswith("model name"):
+          return line.split(":", 1)[1].strip()
   except OSError:
     pass
   return platform.processor() or platform.machine()
