@@ -122,9 +122,10 @@ def _env(args) -> dict:
   return env
 
 
-def _call(cmd: list[str], log_path: str, what: str, args) -> None:
+def _call(cmd: list[str], log_path: str, what: str, args, alone: bool = False) -> None:
+  """Runs `cmd` to the end; with `--jobs` > 1 and not `alone`, pinned to a free core set."""
   t0 = time.time()
-  cores = _CORES.get() if args.jobs > 1 else None
+  cores = _CORES.get() if args.jobs > 1 and not alone else None
   where = f" [cores {sorted(cores)}]" if cores else ""
   print(f"[study] {what}{where}: {' '.join(cmd[3:])}", flush=True)
   try:
@@ -139,20 +140,26 @@ def _call(cmd: list[str], log_path: str, what: str, args) -> None:
   print(f"[study] {what}: finished in {time.time() - t0:.0f} s", flush=True)
 
 
-def run_one(name: str, config: str, overrides: dict, seed: int, args) -> str:
-  workdir = os.path.join(args.workdir, f"{name}_seed{seed}")
+def _run_grpo(config: str, workdir: str, over: dict, what: str, args, alone: bool = False) -> None:
+  """One grpo-stage run of `config` with `over` (and the study's batch, `--prompts`), unless
+  it has finished already."""
   if os.path.exists(os.path.join(workdir, "grpo", "final", "DONE")):
-    return workdir
-  over = dict(overrides)
-  over.update({"seed": seed, "grpo.iterations": args.iterations,
-               "grpo.eval_every": args.eval_every, "eval.num_prompts": args.eval_prompts,
-               "grpo.ckpt_every": args.eval_every, "stages": ("grpo",)})
+    return
+  over = dict(over)
   if args.prompts:
     over.update({"grpo.prompts_per_iteration": args.prompts,
                  "grpo.samples_per_update": args.prompts * 8})
   cmd = [sys.executable, "-m", "euphonium_jax.main", "--config",
          os.path.join(REPO, config), "--workdir", workdir] + [_flag(k, v) for k, v in over.items()]
-  _call(cmd, os.path.join(args.workdir, f"{name}_seed{seed}.log"), f"{name} seed {seed}", args)
+  _call(cmd, workdir + ".log", what, args, alone)
+
+
+def run_one(name: str, config: str, overrides: dict, seed: int, args) -> str:
+  workdir = os.path.join(args.workdir, f"{name}_seed{seed}")
+  _run_grpo(config, workdir, dict(overrides, **{
+      "seed": seed, "grpo.iterations": args.iterations, "grpo.eval_every": args.eval_every,
+      "eval.num_prompts": args.eval_prompts, "grpo.ckpt_every": args.eval_every,
+      "stages": ("grpo",)}), f"{name} seed {seed}", args)
   return workdir
 
 
@@ -174,18 +181,10 @@ def run_timing(args) -> None:
   """Each method alone on every core (never beside another run), `--timing_iterations`
   iterations at the study's batch: the iteration times the wall-time speed-ups use."""
   for name, (config, over) in METHODS.items():
-    workdir = os.path.join(args.workdir, f"timing_{name}")
-    if os.path.exists(os.path.join(workdir, "grpo", "final", "DONE")):
-      continue
-    over = dict(over, **{"seed": 0, "grpo.iterations": args.timing_iterations,
-                         "grpo.eval_every": args.timing_iterations, "eval.num_prompts": 8,
-                         "eval.sde": (), "stages": ("grpo",)})
-    if args.prompts:
-      over.update({"grpo.prompts_per_iteration": args.prompts,
-                   "grpo.samples_per_update": args.prompts * 8})
-    cmd = [sys.executable, "-m", "euphonium_jax.main", "--config",
-           os.path.join(REPO, config), "--workdir", workdir] + [_flag(k, v) for k, v in over.items()]
-    _call(cmd, workdir + ".log", f"timing {name}", argparse.Namespace(**{**vars(args), "jobs": 1}))
+    _run_grpo(config, os.path.join(args.workdir, f"timing_{name}"), dict(over, **{
+        "seed": 0, "grpo.iterations": args.timing_iterations,
+        "grpo.eval_every": args.timing_iterations, "eval.num_prompts": 8, "eval.sde": (),
+        "stages": ("grpo",)}), f"timing {name}", args, alone=True)
 
 
 def train_prm(name: str, fraction: int, args) -> str:
@@ -199,8 +198,7 @@ def train_prm(name: str, fraction: int, args) -> str:
     cmd = [sys.executable, "-m", "euphonium_jax.main", "--config",
            os.path.join(REPO, "configs", "prm.py"), "--workdir", workdir,
            _flag("prm.data.num_prompts", n // fraction)]
-    _call(cmd, os.path.join(args.workdir, f"{name}.log"), f"PRM on 1/{fraction} of the data",
-          argparse.Namespace(**{**vars(args), "jobs": 1}))
+    _call(cmd, workdir + ".log", f"PRM on 1/{fraction} of the data", args, alone=True)
   return final
 
 
