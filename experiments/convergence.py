@@ -11,7 +11,8 @@ budget where the baseline plateaus, with ablations, distillation measured and PR
 Every run is `python -m euphonium_jax.main` on one of the method configs
 (configs/euphonium.py, dance_grpo.py, flow_grpo.py, flow_grpo_fast.py, mix_grpo.py) with
 overrides, in its own workdir under `--workdir`; a finished run is skipped and an interrupted
-one resumes (the grpo stage's own checkpoints), so the study resumes run by run. All runs
+one resumes (the grpo stage's own checkpoints), so the study resumes run by run; a run finished
+at fewer iterations than `--iterations` is extended from its last checkpoint. All runs
 share the base model, the prompts of iteration i (a function of (seed, i)) and the budget;
 evaluation is the stage's: Euler ODE on held-out prompts, no reward model, the same prompts and
 noise at every evaluation of every run. Euphonium's runs (and the distillation runs) also
@@ -142,9 +143,17 @@ def _call(cmd: list[str], log_path: str, what: str, args, alone: bool = False) -
 
 def _run_grpo(config: str, workdir: str, over: dict, what: str, args, alone: bool = False) -> None:
   """One grpo-stage run of `config` with `over` (and the study's batch, `--prompts`), unless
-  it has finished already."""
-  if os.path.exists(os.path.join(workdir, "grpo", "final", "DONE")):
-    return
+  it has finished already. A run finished at fewer iterations than `over` asks for is
+  extended: its final model moves to `final_<iterations>` and the stage resumes from its last
+  checkpoint (the learning rate is constant after warm-up, so the extended run is the run of
+  the larger budget from the start)."""
+  final = os.path.join(workdir, "grpo", "final")
+  if os.path.exists(os.path.join(final, "DONE")):
+    with open(os.path.join(final, "info.json")) as f:
+      done = int(json.load(f)["iterations"])
+    if done >= over.get("grpo.iterations", done):
+      return
+    os.replace(final, f"{final}_{done}")
   over = dict(over)
   if args.prompts:
     over.update({"grpo.prompts_per_iteration": args.prompts,

@@ -92,3 +92,22 @@ def test_analyse_writes_every_table():
   cells = [c.strip() for c in line.split("|")]
   assert float(cells[8].split()[0]) == pytest.approx(float(cells[5].split()[0]) * 4 / 6,
                                                      abs=0.01)
+
+
+def test_a_finished_run_is_skipped_or_extended(tmp_path, monkeypatch):
+  final = tmp_path / "run" / "grpo" / "final"
+  final.mkdir(parents=True)
+  (final / "DONE").write_text("")
+  (final / "info.json").write_text('{"iterations": 30}')
+  calls = []
+  monkeypatch.setattr(conv, "_call", lambda cmd, *a, **k: calls.append(cmd))
+  args = types.SimpleNamespace(prompts=8)
+  for n in (20, 30):  # the same or a smaller budget: finished, nothing runs
+    conv._run_grpo("configs/euphonium.py", str(tmp_path / "run"), {"grpo.iterations": n}, "x",
+                   args)
+  assert calls == [] and (final / "DONE").exists()
+  # a larger budget: the final model moves aside and the stage runs again (it resumes)
+  conv._run_grpo("configs/euphonium.py", str(tmp_path / "run"), {"grpo.iterations": 50}, "x",
+                 args)
+  assert len(calls) == 1 and "--config.grpo.iterations=50" in calls[0]
+  assert not final.exists() and (final.parent / "final_30" / "DONE").exists()
