@@ -164,11 +164,13 @@ def _run_grpo(config: str, workdir: str, over: dict, what: str, args, alone: boo
 
 
 def run_one(name: str, config: str, overrides: dict, seed: int, args) -> str:
+  """`overrides` win over the study's settings (the parts after `methods` set their own
+  `grpo.iterations`)."""
   workdir = os.path.join(args.workdir, f"{name}_seed{seed}")
-  _run_grpo(config, workdir, dict(overrides, **{
+  _run_grpo(config, workdir, dict({
       "seed": seed, "grpo.iterations": args.iterations, "grpo.eval_every": args.eval_every,
       "eval.num_prompts": args.eval_prompts, "grpo.ckpt_every": args.eval_every,
-      "stages": ("grpo",)}), f"{name} seed {seed}", args)
+      "stages": ("grpo",)}, **overrides), f"{name} seed {seed}", args)
   return workdir
 
 
@@ -298,7 +300,9 @@ def paired(ablation: list[dict], reference: list[dict], key: str = "reward", at=
   """Seed-by-seed differences (ablation - reference) at evaluation `at` (or the mean over
   evaluations, at=None) over the seeds both have -> (mean, SE over seeds, n)."""
   n = min(len(ablation), len(reference))
-  pick = (lambda r: r[key][at]) if at is not None else (lambda r: r[key].mean())
+  # the evaluations both have: a shorter budget's evaluations are a prefix of a longer one's
+  m = min(len(ablation[0][key]), len(reference[0][key]))
+  pick = (lambda r: r[key][:m][at]) if at is not None else (lambda r: r[key][:m].mean())
   d = np.array([pick(ablation[i]) - pick(reference[i]) for i in range(n)])
   return float(d.mean()), _se(d), n
 
@@ -339,9 +343,10 @@ def analyse(runs: dict[str, list[dict]], args, command: str, prm_info: dict,
     return "No finished DanceGRPO run yet: nothing to analyse.\n"
   steps = runs[BASELINE][0]["steps"]
   for name, rs in runs.items():
-    for r in rs:
-      if not np.array_equal(r["steps"], steps):
-        raise ValueError(f"{name}: evaluations at {r['steps']}, expected {steps}")
+    for r in rs:  # the methods share the budget; the other parts may stop earlier
+      want = steps if name in METHODS else steps[:len(r["steps"])]
+      if not np.array_equal(r["steps"], want):
+        raise ValueError(f"{name}: evaluations at {r['steps']}, expected {want}")
   base = _curves(runs[BASELINE])
   thresholds = {"plateau": (plateau_threshold, plateau_threshold(base)),
                 "final": (final_threshold, final_threshold(base))}
@@ -434,18 +439,25 @@ def analyse(runs: dict[str, list[dict]], args, command: str, prm_info: dict,
               "Difference = ablation - Euphonium for the same seed (same training prompts and "
               "noise, same evaluation prompts and noise); mean +- SE over seeds, which includes "
               "training noise.\n",
-              "| ablation | seeds | final eval reward | final minus Euphonium | mean over "
-              "evaluations minus Euphonium's | steps to final thr. (seed-mean) | s / iteration |",
-              "|---|---|---|---|---|---|---|"]
+              "An ablation's budget may be shorter than the methods' (`--ablation_iterations`):"
+              " it is compared with Euphonium's evaluation at the same iteration, and its "
+              "mean over evaluations with Euphonium's over the same evaluations.\n",
+              "| ablation | seeds | iterations | final eval reward | final minus Euphonium "
+              "(same iteration) | mean over evaluations minus Euphonium's | steps to plateau "
+              "thr. (seed-mean) | s / iteration |",
+              "|---|---|---|---|---|---|---|---|"]
     for name in abl:
       rs = runs[name]
-      c = _curves(rs)
+      c, s_abl = _curves(rs), rs[0]["steps"]
       d_final = paired(rs, ref)
       d_auc = paired(rs, ref, at=None)
-      lines.append(f"| {name} | {len(rs)} | {c[:, -1].mean():.4f} | {_pm(*d_final[:2])} | "
-                   f"{_pm(*d_auc[:2])} | "
-                   f"{_steps_txt(steps_to(steps, c.mean(0), thresholds['final'][1]))} | "
+      lines.append(f"| {name} | {len(rs)} | {int(s_abl[-1])} | {c[:, -1].mean():.4f} | "
+                   f"{_pm(*d_final[:2])} | {_pm(*d_auc[:2])} | "
+                   f"{_steps_txt(steps_to(s_abl, c.mean(0), thresholds['plateau'][1]))} | "
                    f"{spi[name]:.2f} |")
+    lines.append(f"| euphonium | {len(ref)} | {int(steps[-1])} | {_curves(ref)[:, -1].mean():.4f}"
+                 f" | | | {_steps_txt(steps_to(steps, _curves(ref).mean(0), thresholds['plateau'][1]))}"
+                 f" | {spi['euphonium']:.2f} |")
     lines.append("")
 
   if ref and "sde_guided" in ref[0]:
@@ -465,14 +477,16 @@ def analyse(runs: dict[str, list[dict]], args, command: str, prm_info: dict,
     lines.append("")
     sweep = {k: v for k, v in runs.items() if k.startswith("distill_")}
     if sweep:
-      lines += ["Explicit distillation (`grpo.distill_coef` x `grpo.kl_coef`, seed 0), final "
-                "evaluation; Euphonium seed 0 (no explicit distillation, no KL) for comparison:"
-                "\n", "| run | distill_coef | kl_coef | ODE | unguided SDE | guided SDE | gap |",
+      j = len(next(iter(sweep.values()))[0]["steps"]) - 1  # Euphonium at the sweep's budget
+      lines += [f"Explicit distillation (`grpo.distill_coef` x `grpo.kl_coef`, seed 0), final "
+                f"evaluation (iteration {int(steps[j])}); Euphonium seed 0 (no explicit "
+                "distillation, no KL) at the same iteration for comparison:\n",
+                "| run | distill_coef | kl_coef | ODE | unguided SDE | guided SDE | gap |",
                 "|---|---|---|---|---|---|---|"]
       r0 = ref[0]
-      lines.append(f"| euphonium seed 0 | 0 | 0 | {r0['reward'][-1]:.4f} | "
-                   f"{r0['sde_unguided'][-1]:.4f} | {r0['sde_guided'][-1]:.4f} | "
-                   f"{r0['sde_guided'][-1] - r0['sde_unguided'][-1]:+.4f} |")
+      lines.append(f"| euphonium seed 0 | 0 | 0 | {r0['reward'][j]:.4f} | "
+                   f"{r0['sde_unguided'][j]:.4f} | {r0['sde_guided'][j]:.4f} | "
+                   f"{r0['sde_guided'][j] - r0['sde_unguided'][j]:+.4f} |")
       for name, rs in sweep.items():
         r = rs[0]
         if name in DISTILL_FROZEN:
@@ -491,19 +505,24 @@ def analyse(runs: dict[str, list[dict]], args, command: str, prm_info: dict,
   if prm_info:
     lines += ["## PRM quality against speed-up\n",
               "| PRM | training rollouts | Spearman, t <= 0.5 buckets (mean) | all buckets | "
-              "guidance check z | Euphonium seeds | final eval reward | "
-              "speed-up over DanceGRPO, final thr. |",
-              "|---|---|---|---|---|---|---|---|"]
+              "guidance check z | Euphonium seeds | iterations | final eval reward | "
+              "steps to plateau thr. (seed-mean) | speed-up over DanceGRPO, plateau thr. |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
+    # every PRM at the shortest budget among them (the shipped PRM's runs are the methods')
+    prm_runs = {n: runs.get(n if n != "shipped" else "euphonium") for n in prm_info}
+    m = min([len(rs[0]["steps"]) for rs in prm_runs.values() if rs] or [len(steps)])
+    sb = steps_to(steps, base.mean(0), thresholds["plateau"][1])
     for name, info in prm_info.items():
-      rs = runs.get(name if name != "shipped" else "euphonium")
+      rs = prm_runs[name]
       if not rs:
         continue
-      c = _curves(rs)
-      ratio = speedup(c, base, steps, final_threshold)[2]
+      c = _curves(rs)[:, :m]
+      sm = steps_to(steps[:m], c.mean(0), thresholds["plateau"][1])
+      ratio = "never" if np.isinf(sm) else f"{sb / sm:.2f}" if sm > 0 else "inf"
       lines.append(f"| {name} | {info['prompts']} | {info['spearman_low_t']:.3f} | "
                    f"{info['spearman_all']:.3f} | {info['guidance_z']:.1f} | {len(rs)} | "
-                   f"{c[:, -1].mean():.4f} | "
-                   f"{ratio:.2f} |")
+                   f"{int(steps[m - 1])} | {c[:, -1].mean():.4f} | {_steps_txt(sm)} | "
+                   f"{ratio} |")
     lines.append("")
   return "\n".join(lines) + "\n"
 
@@ -552,18 +571,20 @@ def _core_sets(jobs: int) -> list[set[int]]:
 
 def plan(args) -> list[tuple]:
   """(part, name, config, overrides, seed) of every run, seed-major within a part, so that a
-  study stopped part-way has every method at the same number of seeds."""
+  study stopped part-way has every method at the same number of seeds. The parts after
+  `methods` run `--ablation_iterations` iterations."""
   out = []
+  short = {"grpo.iterations": args.ablation_iterations}
   if "methods" in args.parts:
     out += [("methods", n, c, o, s) for s in range(args.seeds) for n, (c, o) in METHODS.items()]
   if "ablations" in args.parts:
-    out += [("ablations", n, c, o, s) for s in range(args.ablation_seeds)
+    out += [("ablations", n, c, dict(o, **short), s) for s in range(args.ablation_seeds)
             for n, (c, o) in ABLATIONS.items()]
   if "distill" in args.parts:
     out += [("distill", f"distill_d{d}_k{k}", "configs/euphonium.py",
-             dict(SDE_EVAL, **{"grpo.distill_coef": d, "grpo.kl_coef": k}), 0)
+             dict(SDE_EVAL, **short, **{"grpo.distill_coef": d, "grpo.kl_coef": k}), 0)
             for d in DISTILL_COEFS for k in KL_COEFS]
-    out += [("distill", n, "configs/euphonium.py", dict(SDE_EVAL, **o), 0)
+    out += [("distill", n, "configs/euphonium.py", dict(SDE_EVAL, **short, **o), 0)
             for n, o in DISTILL_FROZEN.items()]
   return out
 
@@ -578,7 +599,12 @@ def main() -> None:
                  help="run nothing: tables and plot from the finished runs in --workdir")
   p.add_argument("--seeds", type=int, default=5)
   p.add_argument("--ablation_seeds", type=int, default=3)
-  p.add_argument("--iterations", type=int, default=30)
+  p.add_argument("--iterations", type=int, default=50,
+                 help="the methods' budget (DanceGRPO still rises at 30 on 8 prompts x 8)")
+  p.add_argument("--ablation_iterations", type=int, default=30,
+                 help="the budget of the ablations, distill and prm parts (their questions "
+                      "are about Euphonium's early lead; each is paired with Euphonium's "
+                      "evaluations up to it)")
   p.add_argument("--eval_every", type=int, default=3)
   p.add_argument("--eval_prompts", type=int, default=128)
   p.add_argument("--prompts", type=int, default=0,
@@ -597,6 +623,7 @@ def main() -> None:
   args = p.parse_args()
   if args.quick:
     args.seeds, args.iterations, args.eval_every, args.eval_prompts = 1, 6, 3, 64
+    args.ablation_iterations = 6
     args.prompts = args.prompts or 8
     args.jobs = max(args.jobs, min(2, len(os.sched_getaffinity(0))))
     args.parts = "methods"
@@ -628,14 +655,16 @@ def main() -> None:
     best = max(finals, key=lambda n: finals[n]["reward"][-1])  # every cell has run above
     d, k = sweep[best]
     run_many([("distill_best", "configs/euphonium.py",
-               dict(SDE_EVAL, **{"grpo.distill_coef": d, "grpo.kl_coef": k}), s)
+               dict(SDE_EVAL, **{"grpo.distill_coef": d, "grpo.kl_coef": k,
+                                 "grpo.iterations": args.ablation_iterations}), s)
               for s in range(args.ablation_seeds)], args)
   prm_info = {}
   if "prm" in args.parts:
     for name, frac in PRM_FRACTIONS.items():
       if not args.analyse:
         prm = train_prm(name, frac, args)
-        run_many([(name, "configs/euphonium.py", {"init.prm": prm}, s)
+        run_many([(name, "configs/euphonium.py",
+                   {"init.prm": prm, "grpo.iterations": args.ablation_iterations}, s)
                   for s in range(args.ablation_seeds)], args)
 
   # Read every finished run in the workdir (parts run earlier included).

@@ -111,3 +111,28 @@ def test_a_finished_run_is_skipped_or_extended(tmp_path, monkeypatch):
                  args)
   assert len(calls) == 1 and "--config.grpo.iterations=50" in calls[0]
   assert not final.exists() and (final.parent / "final_30" / "DONE").exists()
+
+
+def test_a_shorter_ablation_budget_is_paired_at_the_same_iteration():
+  short = lambda r: dict(r, steps=r["steps"][:6], reward=r["reward"][:6],
+                         stderr=r["stderr"][:6])  # 15 of the methods' 30 iterations
+  eu = [run(saturating(0.3) + e, 12.0) for e in (-0.01, 0, 0.01)]
+  runs = {"euphonium": eu, "dance_grpo": [run(saturating(0.1) + e) for e in (-0.01, 0, 0.01)],
+          # 0.02 below Euphonium's seed at every evaluation, up to iteration 15
+          "guidance_off_dual": [short(run(r["reward"] - 0.02, 11.0)) for r in eu],
+          "prm_half": [short(run(r["reward"] + 0.01, 12.0)) for r in eu]}
+  args = types.SimpleNamespace(eval_prompts=128, prompts=8, jobs=2, timing_iterations=5)
+  info = {n: {"prompts": p, "spearman_low_t": 0.6, "spearman_all": 0.6, "guidance_z": 10.0}
+          for n, p in (("shipped", "all"), ("prm_half", "1/2"))}
+  text = conv.analyse(runs, args, "cmd", info)
+  line = next(l for l in text.splitlines() if l.startswith("| guidance_off_dual |"))
+  cells = [c.strip() for c in line.split("|")]
+  assert cells[3] == "15" and cells[5] == cells[6] == "-0.0200 +- 0.0000"
+  assert float(cells[4]) == pytest.approx(np.mean([r["reward"][5] for r in eu]) - 0.02, abs=1e-4)
+  # the PRM rows share the shortest budget: the shipped PRM's runs are cut to 15 as well
+  rows = [l for l in text.splitlines() if l.startswith(("| shipped | all", "| prm_half | 1/2"))]
+  assert len(rows) == 2 and all(l.split("|")[7].strip() == "15" for l in rows)
+  # a method whose evaluations differ from the baseline's is refused
+  bad = dict(runs, flow_grpo=[short(run(saturating(0.1)))])
+  with pytest.raises(ValueError, match="flow_grpo"):
+    conv.analyse(bad, args, "cmd", info)
