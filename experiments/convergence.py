@@ -601,10 +601,11 @@ def main() -> None:
   p.add_argument("--ablation_seeds", type=int, default=3)
   p.add_argument("--iterations", type=int, default=50,
                  help="the methods' budget (DanceGRPO still rises at 30 on 8 prompts x 8)")
-  p.add_argument("--ablation_iterations", type=int, default=30,
-                 help="the budget of the ablations, distill and prm parts (their questions "
-                      "are about Euphonium's early lead; each is paired with Euphonium's "
-                      "evaluations up to it)")
+  p.add_argument("--ablation_iterations", type=int, default=0,
+                 help="the budget of the ablations, distill and prm parts; 0 = --iterations "
+                      "(Euphonium's reward falls after iteration 20-30, so a shorter budget "
+                      "misses it; each run is paired with Euphonium's evaluations up to its "
+                      "own last one)")
   p.add_argument("--eval_every", type=int, default=3)
   p.add_argument("--eval_prompts", type=int, default=128)
   p.add_argument("--prompts", type=int, default=0,
@@ -629,6 +630,7 @@ def main() -> None:
     args.parts = "methods"
     if args.out.endswith("convergence"):
       args.out += "_quick"
+  args.ablation_iterations = args.ablation_iterations or args.iterations
   args.parts = tuple(x for x in args.parts.split(",") if x)
   for part in args.parts:
     if part not in PARTS:
