@@ -12,7 +12,13 @@ Every run is `python -m euphonium_jax.main` on one of the method configs
 (configs/euphonium.py, dance_grpo.py, flow_grpo.py, flow_grpo_fast.py, mix_grpo.py) with
 overrides, in its own workdir under `--workdir`; a finished run is skipped and an interrupted
 one resumes (the grpo stage's own checkpoints), so the study resumes run by run; a run finished
-at fewer iterations than `--iterations` is extended from its last checkpoint. All runs
+at fewer iterations than `--iterations` is extended from its last checkpoint. A finished run
+also leaves a record, `--records`/<run>.json (its settings and its grpo metrics rows, ~40 KB;
+committed to the repository): the analysis reads the records, and a run whose record is there
+is skipped even when its workdir is gone, so the study continues across machines and sessions
+whose workdirs do not survive (a record of a shorter budget without its checkpoints is rerun
+from the start; a record made with other settings stops the study, naming the file and the
+settings). All runs
 share the base model, the prompts of iteration i (a function of (seed, i)) and the budget;
 evaluation is the stage's: Euler ODE on held-out prompts, no reward model, the same prompts and
 noise at every evaluation of every run. Euphonium's runs (and the distillation runs) also
@@ -60,6 +66,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PARTS = ("timing", "methods", "ablations", "distill", "prm")
 BASELINE = "dance_grpo"
 SDE_EVAL = {"eval.sde": ("guided", "unguided")}
+TRAIN_REWARD = "reward/shapes_fidelity"  # the embedded world's pixel (outcome) reward
 
 METHODS = {
     "euphonium": ("configs/euphonium.py", SDE_EVAL),
@@ -141,26 +148,95 @@ def _call(cmd: list[str], log_path: str, what: str, args, alone: bool = False) -
   print(f"[study] {what}: finished in {time.time() - t0:.0f} s", flush=True)
 
 
+def _settings(config: str, over: dict, args) -> dict:
+  """What makes two runs the same run, but for the budget: the config and its overrides
+  (paths under `--workdir` written relative to it, so a record matches on another machine)."""
+  flags = sorted(_flag(k, v).replace(args.workdir.rstrip("/") + "/", "$WORKDIR/")
+                 for k, v in over.items() if k != "grpo.iterations")
+  return {"config": config, "overrides": flags}
+
+
+def record_path(workdir: str, args) -> str:
+  return os.path.join(args.records, os.path.basename(workdir) + ".json")
+
+
+def _sig(v):
+  return float(f"{v:.7g}") if isinstance(v, float) else v
+
+
+def save_record(workdir: str, settings: dict, args) -> None:
+  """The finished run in `workdir` -> its record: settings, budget, machine and the grpo
+  stage's metrics rows (float32 precision; the wall-clock stamp dropped). Written atomically."""
+  with open(os.path.join(workdir, "grpo", "final", "info.json")) as f:
+    iterations = int(json.load(f)["iterations"])
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    rows = [{k: _sig(v) for k, v in json.loads(line).items() if k not in ("time", "stage")}
+            for line in f if json.loads(line).get("stage") == "grpo"]
+  rec = dict(settings, iterations=iterations, machine=f"{_cpu_model()}, {os.cpu_count()} cores",
+             date=time.strftime("%Y-%m-%d"), jobs=args.jobs, rows=rows)
+  path = record_path(workdir, args)
+  os.makedirs(args.records, exist_ok=True)
+  with open(path + ".tmp", "w") as f:
+    json.dump(rec, f, separators=(",", ":"))
+    f.write("\n")
+  os.replace(path + ".tmp", path)
+
+
+def load_record(workdir: str, args, settings: dict | None = None) -> dict | None:
+  """The record of the run of `workdir`, if any; with `settings`, one made with other
+  settings is an error naming the file and what differs."""
+  path = record_path(workdir, args)
+  if not os.path.exists(path):
+    return None
+  with open(path) as f:
+    rec = json.load(f)
+  if settings is not None:
+    for key in ("config", "overrides"):
+      if rec.get(key) != settings[key]:
+        mine, theirs = settings[key], rec.get(key)
+        if isinstance(mine, list):
+          mine = sorted(set(mine) - set(theirs or ()))
+          theirs = sorted(set(theirs or ()) - set(settings[key]))
+        raise SystemExit(f"[study] {path}: made with {key} {theirs}, this study asks for "
+                         f"{mine}; use another --records folder (or delete the record to "
+                         "rerun it)")
+  return rec
+
+
 def _run_grpo(config: str, workdir: str, over: dict, what: str, args, alone: bool = False) -> None:
   """One grpo-stage run of `config` with `over` (and the study's batch, `--prompts`), unless
-  it has finished already. A run finished at fewer iterations than `over` asks for is
-  extended: its final model moves to `final_<iterations>` and the stage resumes from its last
-  checkpoint (the learning rate is constant after warm-up, so the extended run is the run of
-  the larger budget from the start)."""
-  final = os.path.join(workdir, "grpo", "final")
-  if os.path.exists(os.path.join(final, "DONE")):
-    with open(os.path.join(final, "info.json")) as f:
-      done = int(json.load(f)["iterations"])
-    if done >= over.get("grpo.iterations", done):
-      return
-    os.replace(final, f"{final}_{done}")
+  it has finished already (in `workdir`, or as a record). A run finished at fewer iterations
+  than `over` asks for is extended: its final model moves to `final_<iterations>` and the
+  stage resumes from its last checkpoint (the learning rate is constant after warm-up, so the
+  extended run is the run of the larger budget from the start)."""
   over = dict(over)
   if args.prompts:
     over.update({"grpo.prompts_per_iteration": args.prompts,
                  "grpo.samples_per_update": args.prompts * 8})
+  settings = _settings(config, over, args)
+  want = over.get("grpo.iterations")
+  final = os.path.join(workdir, "grpo", "final")
+  rec = load_record(workdir, args, settings)
+  if os.path.exists(os.path.join(final, "DONE")):
+    with open(os.path.join(final, "info.json")) as f:
+      done = int(json.load(f)["iterations"])
+    if want is None or done >= want:
+      if rec is None or rec["iterations"] != done:
+        save_record(workdir, settings, args)
+      return
+    os.replace(final, f"{final}_{done}")
+  elif rec is not None:
+    if want is None or rec["iterations"] >= want:
+      return
+    if not os.path.isdir(os.path.join(workdir, "grpo")):
+      print(f"[study] {what}: its record has {rec['iterations']} iterations and its "
+            f"checkpoints are not here: rerunning it from the start to {want}", flush=True)
+  if getattr(args, "analyse", False):  # --analyse records finished runs and runs nothing
+    return
   cmd = [sys.executable, "-m", "euphonium_jax.main", "--config",
          os.path.join(REPO, config), "--workdir", workdir] + [_flag(k, v) for k, v in over.items()]
   _call(cmd, workdir + ".log", what, args, alone)
+  save_record(workdir, settings, args)
 
 
 def run_one(name: str, config: str, overrides: dict, seed: int, args) -> str:
@@ -210,26 +286,43 @@ def train_prm(name: str, fraction: int, args) -> str:
            os.path.join(REPO, "configs", "prm.py"), "--workdir", workdir,
            _flag("prm.data.num_prompts", n // fraction)]
     _call(cmd, workdir + ".log", f"PRM on 1/{fraction} of the data", args, alone=True)
+  # its report (the Spearman the analysis shows) outlives the workdir beside the run records
+  os.makedirs(args.records, exist_ok=True)
+  with open(os.path.join(workdir, "prm", "report.json")) as f:
+    rep = json.load(f)
+  with open(_prm_report_record(name, args), "w") as f:
+    json.dump(rep, f)
   return final
 
 
-def prm_quality(prm_dir: str) -> dict:
-  """Spearman(R_phi(x_t, t), final reward) per t bucket from a prm stage's report.json."""
-  path = os.path.join(os.path.dirname(prm_dir), "report.json")
-  if not os.path.exists(path):  # the shipped PRM
-    path = os.path.join(REPO, "assets", "embedded_prm_report.json")
-  with open(path) as f:
-    rep = json.load(f)
-  return rep
+def _prm_report_record(name: str, args) -> str:
+  return os.path.join(args.records, f"{name}_prm_report.json")
 
 
-def read_run(workdir: str) -> dict | None:
-  path = os.path.join(workdir, "metrics.jsonl")
-  if not os.path.exists(os.path.join(workdir, "grpo", "final", "DONE")):
+def prm_quality(name: str, args) -> dict | None:
+  """Spearman(R_phi(x_t, t), final reward) per t bucket from a prm stage's report.json (the
+  shipped PRM's, or the copy of a trained one's kept beside the records); None if untrained."""
+  path = (os.path.join(REPO, "assets", "embedded_prm_report.json") if name == "shipped"
+          else _prm_report_record(name, args))
+  if not os.path.exists(path):
     return None
   with open(path) as f:
-    rows = [json.loads(line) for line in f]
-  rows = [r for r in rows if r.get("stage") == "grpo"]
+    return json.load(f)
+
+
+def read_run(workdir: str, args) -> dict | None:
+  """A finished run's curves: from its record under `--records` if there is one, else from
+  `workdir`'s metrics if it has finished there; None if neither."""
+  rec = load_record(workdir, args)
+  machine = f"{_cpu_model()}, {os.cpu_count()} cores"
+  if rec is not None:
+    rows, machine = rec["rows"], f"{rec['machine']} ({rec['date']})"
+  elif os.path.exists(os.path.join(workdir, "grpo", "final", "DONE")):
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+      rows = [json.loads(line) for line in f]
+    rows = [r for r in rows if r.get("stage") == "grpo"]
+  else:
+    return None
   evals = [r for r in rows if "eval_reward" in r]
   last = {}
   for r in evals:  # a resumed run may repeat an evaluation: keep the last of each step
@@ -241,10 +334,15 @@ def read_run(workdir: str) -> dict | None:
          "stderr": np.array([r["eval_stderr"] for r in evals], float),
          "seconds_per_iteration": float(np.median(
              [r["rollout_seconds"] + r.get("reward_seconds", 0.0) + r["update_seconds"]
-              for r in train]))}
+              for r in train])), "machine": machine}
   for kind in ("sde_guided", "sde_unguided"):
     if all(f"eval_reward_{kind}" in r for r in evals):
       out[kind] = np.array([r[f"eval_reward_{kind}"] for r in evals], float)
+  # Training signals per iteration: the pixel reward of the rollouts and the mean PRM score
+  # on the scored steps (the process reward; absent when no step is scored).
+  for key, name in ((TRAIN_REWARD, "train_reward"), ("process_reward", "process_reward")):
+    if train and all(key in r for r in train):
+      out[name] = np.array([r[key] for r in train], float)
   return out
 
 
@@ -363,7 +461,10 @@ def analyse(runs: dict[str, list[dict]], args, command: str, prm_info: dict,
   lines = [
       "# Convergence study on the embedded world\n",
       f"Command: `{command}`  ",
-      f"Machine: {_cpu_model()}, {os.cpu_count()} cores, {time.strftime('%Y-%m-%d')}.  ",
+      f"Analysed on {_cpu_model()}, {os.cpu_count()} cores, {time.strftime('%Y-%m-%d')}; "
+      "the runs were made on "
+      + "; ".join(sorted({r["machine"] for rs in runs.values() for r in rs if "machine" in r}))
+      + f" (records: `{os.path.relpath(getattr(args, 'records', '.'), REPO)}`).  ",
       f"Every run: {int(steps[-1])} iterations of the grpo stage from the shipped base model "
       f"and PRM; evaluation at iteration 0 and every {int(steps[1] - steps[0])} on "
       f"{args.eval_prompts} held-out prompts (Euler ODE, 30 steps, no reward model; the same "
@@ -458,6 +559,30 @@ def analyse(runs: dict[str, list[dict]], args, command: str, prm_info: dict,
     lines.append(f"| euphonium | {len(ref)} | {int(steps[-1])} | {_curves(ref)[:, -1].mean():.4f}"
                  f" | | | {_steps_txt(steps_to(steps, _curves(ref).mean(0), thresholds['plateau'][1]))}"
                  f" | {spi['euphonium']:.2f} |")
+    lines.append("")
+
+  sig = [n for n in list(METHODS) + abl if n in runs
+         and all("train_reward" in r for r in runs[n])]
+  if sig:
+    lines += ["## Training signals\n",
+              "The rollouts' own rewards during training, seed-mean (+- SE over seeds) over the "
+              "first and the last 5 iterations: the pixel reward of the training samples and, "
+              "where steps are scored, the process reward (the mean PRM score on the scored "
+              "steps). A PRM score that rises while the pixel reward falls is the PRM being "
+              "over-optimised.\n",
+              "| run | seeds | pixel reward, first 5 | last 5 | PRM score, first 5 | last 5 |",
+              "|---|---|---|---|---|---|"]
+    for name in sig:
+      rs = runs[name]
+      cells = []
+      for key in ("train_reward", "process_reward"):
+        if all(key in r for r in rs):
+          for part in (slice(0, 5), slice(-5, None)):
+            x = np.array([r[key][part].mean() for r in rs])
+            cells.append(f"{x.mean():.4f} +- {_se(x):.4f}" if len(x) > 1 else f"{x[0]:.4f}")
+        else:
+          cells += ["", ""]
+      lines.append(f"| {name} | {len(rs)} | " + " | ".join(cells) + " |")
     lines.append("")
 
   if ref and "sde_guided" in ref[0]:
@@ -593,10 +718,15 @@ def main() -> None:
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   p.add_argument("--workdir", default="/tmp/euph_convergence")
   p.add_argument("--out", default=os.path.join(REPO, "experiments", "results", "convergence"))
+  p.add_argument("--records", default="",
+                 help="the finished runs' records (read by the analysis; a recorded run is "
+                      "not rerun); default experiments/results/convergence_runs "
+                      "(convergence_quick_runs with --quick)")
   p.add_argument("--parts", default=",".join(PARTS),
                  help=f"comma-separated parts to run, of {', '.join(PARTS)}")
   p.add_argument("--analyse", action="store_true",
-                 help="run nothing: tables and plot from the finished runs in --workdir")
+                 help="run nothing: tables and plot from the records (finished runs in "
+                      "--workdir that have none are recorded first)")
   p.add_argument("--seeds", type=int, default=5)
   p.add_argument("--ablation_seeds", type=int, default=3)
   p.add_argument("--iterations", type=int, default=50,
@@ -631,6 +761,9 @@ def main() -> None:
     if args.out.endswith("convergence"):
       args.out += "_quick"
   args.ablation_iterations = args.ablation_iterations or args.iterations
+  args.records = args.records or os.path.join(
+      REPO, "experiments", "results", "convergence_quick_runs" if args.quick else
+      "convergence_runs")
   args.parts = tuple(x for x in args.parts.split(",") if x)
   for part in args.parts:
     if part not in PARTS:
@@ -640,20 +773,20 @@ def main() -> None:
   runs: dict[str, list[dict]] = {}
 
   def add(name, workdir):
-    r = read_run(workdir)
+    r = read_run(workdir, args)
     if r is not None:
       runs.setdefault(name, []).append(r)
 
   for c in _core_sets(args.jobs):
     _CORES.put(c)
-  if "timing" in args.parts and not args.analyse:
+  if "timing" in args.parts:
     run_timing(args)
-  work = [] if args.analyse else plan(args)
+  work = plan(args)  # with --analyse: finished workdirs recorded, nothing run
   run_many([(name, config, over, seed) for part, name, config, over, seed in work], args)
   # Distillation's best cell (highest final ODE reward at seed 0) at more seeds.
   sweep = {f"distill_d{d}_k{k}": (d, k) for d in DISTILL_COEFS for k in KL_COEFS}
   if "distill" in args.parts and not args.analyse:
-    finals = {n: read_run(os.path.join(args.workdir, f"{n}_seed0")) for n in sweep}
+    finals = {n: read_run(os.path.join(args.workdir, f"{n}_seed0"), args) for n in sweep}
     best = max(finals, key=lambda n: finals[n]["reward"][-1])  # every cell has run above
     d, k = sweep[best]
     run_many([("distill_best", "configs/euphonium.py",
@@ -664,7 +797,12 @@ def main() -> None:
   if "prm" in args.parts:
     for name, frac in PRM_FRACTIONS.items():
       if not args.analyse:
-        prm = train_prm(name, frac, args)
+        prm = os.path.join(args.workdir, name, "prm", "final")
+        todo = [s for s in range(args.ablation_seeds)
+                if (load_record(os.path.join(args.workdir, f"{name}_seed{s}"), args) or
+                    {"iterations": -1})["iterations"] < args.ablation_iterations]
+        if todo or prm_quality(name, args) is None:  # train it only if it is needed
+          prm = train_prm(name, frac, args)
         run_many([(name, "configs/euphonium.py",
                    {"init.prm": prm, "grpo.iterations": args.ablation_iterations}, s)
                   for s in range(args.ablation_seeds)], args)
@@ -676,14 +814,12 @@ def main() -> None:
     for s in range(max(args.seeds, args.ablation_seeds)):
       add(name, os.path.join(args.workdir, f"{name}_seed{s}"))
   for name, frac in [("shipped", 1)] + list(PRM_FRACTIONS.items()):
-    final = (os.path.join(REPO, "assets", "embedded", "prm") if name == "shipped"
-             else os.path.join(args.workdir, name, "prm", "final"))
-    if os.path.exists(os.path.join(final, "DONE")):
-      rep = prm_quality(final)
+    rep = prm_quality(name, args)
+    if rep is not None:
       prm_info[name] = _spearman_summary(rep, frac)
   timing = {}
   for name in METHODS:
-    r = read_run(os.path.join(args.workdir, f"timing_{name}"))
+    r = read_run(os.path.join(args.workdir, f"timing_{name}"), args)
     if r is not None:
       timing[name] = r["seconds_per_iteration"]
   text = analyse(runs, args, command, prm_info, timing)

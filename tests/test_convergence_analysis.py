@@ -1,6 +1,8 @@
 """experiments/convergence.py's analysis on synthetic curves with known answers."""
 import importlib.util
+import json
 import os
+import shutil
 import types
 
 import numpy as np
@@ -59,7 +61,10 @@ def test_paired_differences_are_seed_by_seed():
 def test_analyse_writes_every_table():
   runs = {
       "euphonium": [run(saturating(0.3) + e, 12.0, sde_guided=saturating(0.3) + 0.05 + e,
-                        sde_unguided=saturating(0.3) + 0.01 + e) for e in (-0.01, 0, 0.01)],
+                        sde_unguided=saturating(0.3) + 0.01 + e,
+                        train_reward=0.4 + 0.01 * np.arange(30) + e,
+                        process_reward=0.6 + 0.01 * np.arange(30))
+                    for e in (-0.01, 0, 0.01)],
       "dance_grpo": [run(saturating(0.1) + e) for e in (-0.01, 0, 0.01)],
       "flow_grpo": [run(saturating(0.05) + e, 9.0) for e in (-0.01, 0, 0.01)],
       "guidance_off_dual": [run(saturating(0.3) - 0.02 + e, 11.0) for e in (-0.01, 0, 0.01)],
@@ -73,7 +78,10 @@ def test_analyse_writes_every_table():
   for needle in ("## Methods", "| euphonium | plateau |", "| euphonium | final |",
                  "| guidance_off_dual | 3 |", "-0.0200 +- 0.0000", "## Distillation",
                  "| 30 |", "+0.0400 +- 0.0000", "| distill_d0.1_k0.1 | 0.1 | 0.1 |",
-                 "## PRM quality", "| shipped | all | 0.650 |", "flattened"):
+                 "## PRM quality", "| shipped | all | 0.650 |", "flattened",
+                 # first 5 iterations 0.42, last 5 0.67 (SE 0.01 / sqrt 3); the PRM score
+                 "| euphonium | 3 | 0.4200 +- 0.0058 | 0.6700 +- 0.0058 | 0.6200 +- 0.0000 | "
+                 "0.8700 +- 0.0000 |"):
     assert needle in text, needle
   # wall-time speed-up = steps ratio x (10 s / 12 s)
   line = next(l for l in text.splitlines() if l.startswith("| euphonium | final |"))
@@ -94,14 +102,25 @@ def test_analyse_writes_every_table():
                                                      abs=0.01)
 
 
+def _stage(cmd, calls):
+  """The grpo stage's run, as the study sees it: a finished workdir at the asked budget."""
+  calls.append(cmd)
+  wd = __import__("pathlib").Path(cmd[cmd.index("--workdir") + 1])
+  n = int(next(c for c in cmd if c.startswith("--config.grpo.iterations=")).split("=")[1])
+  shutil.rmtree(wd / "grpo" / "final", ignore_errors=True)
+  _finish(wd, n, {0: 0.42, n: 0.5})
+
+
 def test_a_finished_run_is_skipped_or_extended(tmp_path, monkeypatch):
   final = tmp_path / "run" / "grpo" / "final"
   final.mkdir(parents=True)
   (final / "DONE").write_text("")
   (final / "info.json").write_text('{"iterations": 30}')
   calls = []
-  monkeypatch.setattr(conv, "_call", lambda cmd, *a, **k: calls.append(cmd))
-  args = types.SimpleNamespace(prompts=8)
+  monkeypatch.setattr(conv, "_call", lambda cmd, *a, **k: _stage(cmd, calls))
+  args = types.SimpleNamespace(prompts=8, workdir=str(tmp_path), records=str(tmp_path / "rec"),
+                               jobs=1)
+  (tmp_path / "run" / "metrics.jsonl").write_text("")
   for n in (20, 30):  # the same or a smaller budget: finished, nothing runs
     conv._run_grpo("configs/euphonium.py", str(tmp_path / "run"), {"grpo.iterations": n}, "x",
                    args)
@@ -110,7 +129,7 @@ def test_a_finished_run_is_skipped_or_extended(tmp_path, monkeypatch):
   conv._run_grpo("configs/euphonium.py", str(tmp_path / "run"), {"grpo.iterations": 50}, "x",
                  args)
   assert len(calls) == 1 and "--config.grpo.iterations=50" in calls[0]
-  assert not final.exists() and (final.parent / "final_30" / "DONE").exists()
+  assert (final.parent / "final_30" / "DONE").exists()
 
 
 def test_a_shorter_ablation_budget_is_paired_at_the_same_iteration():
@@ -136,3 +155,59 @@ def test_a_shorter_ablation_budget_is_paired_at_the_same_iteration():
   bad = dict(runs, flow_grpo=[short(run(saturating(0.1)))])
   with pytest.raises(ValueError, match="flow_grpo"):
     conv.analyse(bad, args, "cmd", info)
+
+
+def _finish(workdir, iterations, evals):
+  """A finished grpo-stage workdir, as the stage leaves it: final/DONE, info, metrics rows."""
+  final = workdir / "grpo" / "final"
+  final.mkdir(parents=True)
+  (final / "DONE").write_text("")
+  (final / "info.json").write_text(f'{{"iterations": {iterations}}}')
+  rows = [{"stage": "grpo", "step": i + 1, "time": 1.0, "rollout_seconds": 2.0,
+           "update_seconds": 1.0, "reward/shapes_fidelity": 0.4 + 0.01 * i,
+           "process_reward": 0.6 - 0.01 * i} for i in range(iterations)]
+  for step, r in evals.items():
+    row = {"stage": "grpo", "step": step, "eval_reward": r, "eval_stderr": 0.02}
+    if step:
+      rows[step - 1].update(row)
+    else:
+      rows.insert(0, row)
+  rows.append({"stage": "prm", "step": 1, "loss": 3.0})  # another stage's row: not recorded
+  (workdir / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+
+
+def test_a_recorded_run_outlives_its_workdir(tmp_path, monkeypatch):
+  calls = []
+  monkeypatch.setattr(conv, "_call", lambda cmd, *a, **k: _stage(cmd, calls))
+  args = types.SimpleNamespace(prompts=8, workdir=str(tmp_path / "w"), records=str(tmp_path / "rec"),
+                               jobs=2)
+  wd = tmp_path / "w" / "euphonium_seed0"
+  over = {"seed": 0, "grpo.iterations": 10, "init.prm": str(tmp_path / "w" / "p" / "final")}
+  _finish(wd, 10, {0: 0.42, 5: 0.45, 10: 0.4812345678})
+  conv._run_grpo("configs/euphonium.py", str(wd), over, "x", args)  # finished: recorded only
+  assert calls == []
+  rec = json.loads((tmp_path / "rec" / "euphonium_seed0.json").read_text())
+  assert rec["iterations"] == 10 and len(rec["rows"]) == 11
+  assert "$WORKDIR/p/final" in " ".join(rec["overrides"])  # portable across machines
+  assert all("time" not in r for r in rec["rows"])
+  # the workdir is gone (a new machine, another workdir): the record stands for the run
+  shutil.rmtree(tmp_path / "w")
+  args.workdir = str(tmp_path / "w2")
+  over["init.prm"] = str(tmp_path / "w2" / "p" / "final")
+  conv._run_grpo("configs/euphonium.py", args.workdir + "/euphonium_seed0", over, "x", args)
+  assert calls == []
+  r = conv.read_run(args.workdir + "/euphonium_seed0", args)
+  np.testing.assert_array_equal(r["steps"], [0, 5, 10])
+  np.testing.assert_allclose(r["reward"], [0.42, 0.45, 0.4812346], atol=1e-9)
+  np.testing.assert_allclose(r["train_reward"], 0.4 + 0.01 * np.arange(10), atol=1e-7)
+  np.testing.assert_allclose(r["process_reward"], 0.6 - 0.01 * np.arange(10), atol=1e-7)
+  assert r["seconds_per_iteration"] == 3.0 and "cores" in r["machine"]
+  # other settings for the same run name: refused, naming the record and the difference
+  with pytest.raises(SystemExit, match=r"euphonium_seed0.json.*seed=1"):
+    conv._run_grpo("configs/euphonium.py", args.workdir + "/euphonium_seed0",
+                   dict(over, seed=1), "x", args)
+  # a larger budget with no checkpoints to extend: rerun from the start
+  conv._run_grpo("configs/euphonium.py", args.workdir + "/euphonium_seed0",
+                 dict(over, **{"grpo.iterations": 20}), "x", args)
+  assert len(calls) == 1 and "--config.grpo.iterations=20" in calls[0]
+  assert json.loads((tmp_path / "rec" / "euphonium_seed0.json").read_text())["iterations"] == 20
