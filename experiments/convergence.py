@@ -31,8 +31,10 @@ Parts:
              share the machine and time each other);
   methods    the five methods at `--seeds` seeds;
   ablations  Euphonium's ablations at `--ablation_seeds` seeds (paired with Euphonium's seeds);
-  distill    explicit distillation, `grpo.distill_coef` x `grpo.kl_coef` at seed 0, then the
-             best cell (highest final ODE reward) at `--ablation_seeds` seeds;
+  distill    a guidance-strength probe (beta 0.1 to 0.001 at iteration 0: is there a gap
+             between the guided and the unguided sampler at any strength?), explicit
+             distillation, `grpo.distill_coef` x `grpo.kl_coef` at seed 0, then the best cell
+             (highest final ODE reward) at `--ablation_seeds` seeds, and frozen teachers;
   prm        PRMs trained on 1/4 and 1/2 of configs/prm.py's rollouts (the prm stage, its
              report's Spearman), Euphonium with each at `--ablation_seeds` seeds.
 
@@ -109,6 +111,11 @@ DISTILL_FROZEN = {
     "distill_frozen_every5": {"grpo.distill_coef": 0.3, "grpo.kl_coef": 0.0,
                               "grpo.distill_teacher": "frozen", "grpo.teacher_refresh_every": 5},
 }
+# Guidance strength probe (distill part): does any strength give the guided sampler a reward
+# the unguided one lacks (a gap for distillation to close)? Euphonium's sampler at iteration 0
+# (the base model) with beta 0.5 (Euphonium's own: its runs' first evaluation) down to 0.001
+# (500x the shift); one iteration each, its evaluation at iteration 0 is the probe.
+GUIDANCE_BETAS = (0.1, 0.02, 0.005, 0.001)
 PRM_FRACTIONS = {"prm_quarter": 4, "prm_half": 2}  # name -> 1 / fraction of the rollouts
 
 
@@ -250,16 +257,25 @@ def run_one(name: str, config: str, overrides: dict, seed: int, args) -> str:
   return workdir
 
 
-def run_many(runs: list[tuple], args) -> None:
+def run_many(runs: list[tuple], args, fatal: bool = True) -> None:
   """(name, config, overrides, seed) runs, `--jobs` at a time, each pinned to its own share of
   the cores (one process per core computes more per second than one process on all of them:
-  1.2x on 2 AMD cores for DanceGRPO's iteration); the first failure stops the study."""
+  1.2x on 2 AMD cores for DanceGRPO's iteration); the first failure stops the study (with
+  `fatal`; else a failed run is reported and left out)."""
+  def one(r):
+    try:
+      run_one(*r, args)
+    except RuntimeError as e:
+      if fatal:
+        raise
+      print(f"{e}: left out", flush=True)
+
   if args.jobs <= 1:
     for r in runs:
-      run_one(*r, args)
+      one(r)
     return
   with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:
-    futures = [pool.submit(run_one, *r, args) for r in runs]
+    futures = [pool.submit(one, r) for r in runs]
     for f in concurrent.futures.as_completed(futures):
       f.result()
 
@@ -434,9 +450,10 @@ def _pm(mean: float, se: float) -> str:
 
 
 def analyse(runs: dict[str, list[dict]], args, command: str, prm_info: dict,
-            timing: dict[str, float] | None = None) -> str:
+            timing: dict[str, float] | None = None, probes: dict | None = None) -> str:
   """The report's text. `timing`: method -> median seconds per iteration of its timing run
-  (alone on the machine); it replaces the runs' own (possibly run side by side) medians."""
+  (alone on the machine); it replaces the runs' own (possibly run side by side) medians.
+  `probes`: guidance beta -> the run of the guidance probe (its iteration-0 evaluation)."""
   if BASELINE not in runs:
     return "No finished DanceGRPO run yet: nothing to analyse.\n"
   steps = runs[BASELINE][0]["steps"]
@@ -600,6 +617,23 @@ def analyse(runs: dict[str, list[dict]], args, command: str, prm_info: dict,
       lines.append(f"| {int(s)} | {cell(g)} | {cell(u)} | {cell(o)} | "
                    f"{_pm(gap.mean(), _se(gap))} |")
     lines.append("")
+    if probes:
+      r0 = ref[0]
+      lines += ["Guidance strength at iteration 0 (the base model, seed 0; Euphonium's sampler "
+                "and PRM, the theory guidance mean += g^2 dt grad R / beta on steps 8-15): is "
+                "there a strength at which the guided sampler earns a reward the unguided one "
+                "does not? The unguided SDE is the same sampler in every row (same weights, "
+                "prompts and noise); a reward's standard error over the prompts is ~0.02, the "
+                "gap's smaller (the two share their noise).\n",
+                "| beta | shift vs Euphonium's | guided SDE | unguided SDE | gap |",
+                "|---|---|---|---|---|",
+                f"| 0.5 (Euphonium) | 1x | {r0['sde_guided'][0]:.4f} | "
+                f"{r0['sde_unguided'][0]:.4f} | {r0['sde_guided'][0] - r0['sde_unguided'][0]:+.4f} |"]
+      for b, r in sorted(probes.items(), reverse=True):
+        lines.append(f"| {b:g} | {0.5 / b:g}x | {r['sde_guided'][0]:.4f} | "
+                     f"{r['sde_unguided'][0]:.4f} | "
+                     f"{r['sde_guided'][0] - r['sde_unguided'][0]:+.4f} |")
+      lines.append("")
     sweep = {k: v for k, v in runs.items() if k.startswith("distill_")}
     if sweep:
       j = len(next(iter(sweep.values()))[0]["steps"]) - 1  # Euphonium at the sweep's budget
@@ -706,6 +740,10 @@ def plan(args) -> list[tuple]:
     out += [("ablations", n, c, dict(o, **short), s) for s in range(args.ablation_seeds)
             for n, (c, o) in ABLATIONS.items()]
   if "distill" in args.parts:
+    out += [("probe", f"guidance_beta{b}", "configs/euphonium.py",
+             dict(SDE_EVAL, **{"sampling.guidance.beta": b, "grpo.iterations": 1,
+                               "grpo.eval_every": 1, "grpo.ckpt_every": 1}), 0)
+            for b in GUIDANCE_BETAS]
     out += [("distill", f"distill_d{d}_k{k}", "configs/euphonium.py",
              dict(SDE_EVAL, **short, **{"grpo.distill_coef": d, "grpo.kl_coef": k}), 0)
             for d in DISTILL_COEFS for k in KL_COEFS]
@@ -782,7 +820,11 @@ def main() -> None:
   if "timing" in args.parts:
     run_timing(args)
   work = plan(args)  # with --analyse: finished workdirs recorded, nothing run
-  run_many([(name, config, over, seed) for part, name, config, over, seed in work], args)
+  # The guidance probes first; one that fails (a strength too large) is reported, not fatal.
+  run_many([(name, config, over, seed) for part, name, config, over, seed in work
+            if part == "probe"], args, fatal=False)
+  run_many([(name, config, over, seed) for part, name, config, over, seed in work
+            if part != "probe"], args)
   # Distillation's best cell (highest final ODE reward at seed 0) at more seeds.
   sweep = {f"distill_d{d}_k{k}": (d, k) for d in DISTILL_COEFS for k in KL_COEFS}
   if "distill" in args.parts and not args.analyse:
@@ -822,7 +864,12 @@ def main() -> None:
     r = read_run(os.path.join(args.workdir, f"timing_{name}"), args)
     if r is not None:
       timing[name] = r["seconds_per_iteration"]
-  text = analyse(runs, args, command, prm_info, timing)
+  probes = {}
+  for b in GUIDANCE_BETAS:
+    r = read_run(os.path.join(args.workdir, f"guidance_beta{b}_seed0"), args)
+    if r is not None:
+      probes[b] = r
+  text = analyse(runs, args, command, prm_info, timing, probes)
   os.makedirs(os.path.dirname(args.out), exist_ok=True)
   with open(args.out + ".md", "w") as f:
     f.write(text + f"\n![curves]({os.path.basename(args.out)}.png)\n")

@@ -211,3 +211,16 @@ def test_a_recorded_run_outlives_its_workdir(tmp_path, monkeypatch):
                  dict(over, **{"grpo.iterations": 20}), "x", args)
   assert len(calls) == 1 and "--config.grpo.iterations=20" in calls[0]
   assert json.loads((tmp_path / "rec" / "euphonium_seed0.json").read_text())["iterations"] == 20
+
+
+def test_the_guidance_probe_table():
+  eu = [run(saturating(0.3), 12.0, sde_guided=saturating(0.3) + 0.001,
+            sde_unguided=saturating(0.3))]
+  probe = dict(steps=np.array([0.0, 1.0]), reward=np.array([0.4, 0.41]),
+               stderr=np.array([0.02, 0.02]), seconds_per_iteration=12.0,
+               sde_guided=np.array([0.45, 0.46]), sde_unguided=np.array([0.4, 0.41]))
+  runs = {"euphonium": eu, "dance_grpo": [run(saturating(0.1))]}
+  args = types.SimpleNamespace(eval_prompts=128, prompts=8, jobs=2, timing_iterations=5)
+  text = conv.analyse(runs, args, "cmd", {}, None, {0.02: probe})
+  assert "| 0.5 (Euphonium) | 1x | 0.4010 | 0.4000 | +0.0010 |" in text
+  assert "| 0.02 | 25x | 0.4500 | 0.4000 | +0.0500 |" in text
