@@ -54,6 +54,7 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import fnmatch
 import json
 import os
 import platform
@@ -765,6 +766,10 @@ def main() -> None:
   p.add_argument("--analyse", action="store_true",
                  help="run nothing: tables and plot from the records (finished runs in "
                       "--workdir that have none are recorded first)")
+  p.add_argument("--runs", default="",
+                 help="comma-separated patterns (fnmatch) of the runs to do, by workdir name "
+                      "(e.g. 'guidance_*,mix_grpo_seed1'): the rest of the parts' plan is "
+                      "skipped (to fit a session's time); default: every run")
   p.add_argument("--seeds", type=int, default=5)
   p.add_argument("--ablation_seeds", type=int, default=3)
   p.add_argument("--iterations", type=int, default=50,
@@ -820,6 +825,9 @@ def main() -> None:
   if "timing" in args.parts:
     run_timing(args)
   work = plan(args)  # with --analyse: finished workdirs recorded, nothing run
+  wanted = lambda name, seed: not args.runs or any(
+      fnmatch.fnmatch(f"{name}_seed{seed}", q) for q in args.runs.split(","))
+  work = [w for w in work if wanted(w[1], w[4])]
   # The guidance probes first; one that fails (a strength too large) is reported, not fatal.
   run_many([(name, config, over, seed) for part, name, config, over, seed in work
             if part == "probe"], args, fatal=False)
@@ -827,27 +835,28 @@ def main() -> None:
             if part != "probe"], args)
   # Distillation's best cell (highest final ODE reward at seed 0) at more seeds.
   sweep = {f"distill_d{d}_k{k}": (d, k) for d in DISTILL_COEFS for k in KL_COEFS}
-  if "distill" in args.parts and not args.analyse:
-    finals = {n: read_run(os.path.join(args.workdir, f"{n}_seed0"), args) for n in sweep}
-    best = max(finals, key=lambda n: finals[n]["reward"][-1])  # every cell has run above
+  finals = {n: read_run(os.path.join(args.workdir, f"{n}_seed0"), args) for n in sweep}
+  if "distill" in args.parts and not args.analyse and all(finals.values()):
+    best = max(finals, key=lambda n: finals[n]["reward"][-1])
     d, k = sweep[best]
     run_many([("distill_best", "configs/euphonium.py",
                dict(SDE_EVAL, **{"grpo.distill_coef": d, "grpo.kl_coef": k,
                                  "grpo.iterations": args.ablation_iterations}), s)
-              for s in range(args.ablation_seeds)], args)
+              for s in range(args.ablation_seeds) if wanted("distill_best", s)], args)
   prm_info = {}
   if "prm" in args.parts:
     for name, frac in PRM_FRACTIONS.items():
       if not args.analyse:
         prm = os.path.join(args.workdir, name, "prm", "final")
-        todo = [s for s in range(args.ablation_seeds)
-                if (load_record(os.path.join(args.workdir, f"{name}_seed{s}"), args) or
+        todo = [s for s in range(args.ablation_seeds) if wanted(name, s)
+                and (load_record(os.path.join(args.workdir, f"{name}_seed{s}"), args) or
                     {"iterations": -1})["iterations"] < args.ablation_iterations]
-        if todo or prm_quality(name, args) is None:  # train it only if it is needed
+        if todo or (prm_quality(name, args) is None and any(
+            wanted(name, s) for s in range(args.ablation_seeds))):  # train it only if needed
           prm = train_prm(name, frac, args)
         run_many([(name, "configs/euphonium.py",
                    {"init.prm": prm, "grpo.iterations": args.ablation_iterations}, s)
-                  for s in range(args.ablation_seeds)], args)
+                  for s in todo], args)
 
   # Read every finished run in the workdir (parts run earlier included).
   names = (list(METHODS) + list(ABLATIONS) + list(sweep) + list(DISTILL_FROZEN) + ["distill_best"]
