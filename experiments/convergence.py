@@ -228,9 +228,9 @@ def _run_grpo(config: str, workdir: str, over: dict, what: str, args, alone: boo
   if os.path.exists(os.path.join(final, "DONE")):
     with open(os.path.join(final, "info.json")) as f:
       done = int(json.load(f)["iterations"])
-    if want is None or done >= want:
-      if rec is None or rec["iterations"] != done:
-        save_record(workdir, settings, args)
+    if rec is None or rec["iterations"] != done:
+      save_record(workdir, settings, args)
+    if want is None or done >= want or getattr(args, "analyse", False):
       return
     os.replace(final, f"{final}_{done}")
   elif rec is not None:
