@@ -393,7 +393,8 @@ def speedup(curves: np.ndarray, base: np.ndarray, steps: np.ndarray, threshold_f
   threshold) gives inf; reaching it at step 0 is inf too."""
   threshold = threshold_fn(base)
   sb = steps_to(steps, base.mean(0), threshold)
-  sm = steps_to(steps, curves.mean(0), threshold)
+  # a method's budget may be shorter than the baseline's: its evaluations are a prefix
+  sm = steps_to(steps[:curves.shape[1]], curves.mean(0), threshold)
   if np.isinf(sm):
     return sb, sm, 0.0
   return sb, sm, (np.inf if sm == 0 else sb / sm)
@@ -460,7 +461,7 @@ def analyse(runs: dict[str, list[dict]], args, command: str, prm_info: dict,
   steps = runs[BASELINE][0]["steps"]
   for name, rs in runs.items():
     for r in rs:  # the methods share the budget; the other parts may stop earlier
-      want = steps if name in METHODS else steps[:len(r["steps"])]
+      want = steps if name == BASELINE else steps[:len(r["steps"])]
       if not np.array_equal(r["steps"], want):
         raise ValueError(f"{name}: evaluations at {r['steps']}, expected {want}")
   base = _curves(runs[BASELINE])
@@ -476,6 +477,8 @@ def analyse(runs: dict[str, list[dict]], args, command: str, prm_info: dict,
       "stderr"]
   last3 = mean_b[-3:]
   flat = float(last3.max() - last3.min()) <= float(se_b[-3:].min())
+  budgets = ", ".join(f"{n} {int(rs[0]['steps'][-1])}" for n, rs in runs.items()
+                      if n in METHODS)
   lines = [
       "# Convergence study on the embedded world\n",
       f"Command: `{command}`  ",
@@ -483,14 +486,14 @@ def analyse(runs: dict[str, list[dict]], args, command: str, prm_info: dict,
       "the runs were made on "
       + "; ".join(sorted({r["machine"] for rs in runs.values() for r in rs if "machine" in r}))
       + f" (records: `{os.path.relpath(getattr(args, 'records', '.'), REPO)}`).  ",
-      f"Every run: {int(steps[-1])} iterations of the grpo stage from the shipped base model "
+      f"Every run: the grpo stage from the shipped base model "
       f"and PRM; evaluation at iteration 0 and every {int(steps[1] - steps[0])} on "
       f"{args.eval_prompts} held-out prompts (Euler ODE, 30 steps, no reward model; the same "
       "prompts and noise for every run, so every curve starts at the same value)"
       + (f"; training batch {args.prompts} prompts x 8 samples, one optimiser step per "
          "iteration" if args.prompts else "; the configs' training batch")
       + (f"; {args.jobs} runs at a time, each on its own core(s)" if args.jobs > 1 else "")
-      + ".  ",
+      + f"; budgets (iterations) {budgets}.  ",
       ("Seconds per iteration (rollout + rewards + update, median): from each method's timing "
        f"run (seed 0, {args.timing_iterations} iterations, alone on the machine)."
        if timed_alone else "Seconds per iteration (rollout + rewards + update, median): "
@@ -508,21 +511,24 @@ def analyse(runs: dict[str, list[dict]], args, command: str, prm_info: dict,
          "every run reaches it at iteration 0 and that threshold's speed-ups (inf) are "
          "undefined, not a result.") + "\n",
       "## Methods\n",
-      "| run | seeds | final eval reward (mean +- SE over seeds) | gain over start | "
+      "| run | seeds | iterations | final eval reward (mean +- SE over seeds) | "
+      "gain over start | "
       "steps to plateau thr., seed-mean (per seed) | steps to final thr. (per seed) | "
       "s / iteration |",
-      "|---|---|---|---|---|---|---|"]
+      "|---|---|---|---|---|---|---|---|"]
 
   def row(name, rs):
     c = _curves(rs)
     final = c[:, -1]
     cells = []
     for fn, thr in thresholds.values():
-      per = ", ".join(_steps_txt(steps_to(steps, x, thr)) for x in c)
-      cells.append(f"{_steps_txt(steps_to(steps, c.mean(0), thr))} ({per})")
+      st = steps[:c.shape[1]]
+      per = ", ".join(_steps_txt(steps_to(st, x, thr)) for x in c)
+      cells.append(f"{_steps_txt(steps_to(st, c.mean(0), thr))} ({per})")
     se = _se(final)
     se_txt = f"{se:.4f}" if np.isfinite(se) else f"{rs[0]['stderr'][-1]:.4f} (prompts)"
-    return (f"| {name} | {len(rs)} | {final.mean():.4f} +- {se_txt} | "
+    return (f"| {name} | {len(rs)} | {int(rs[0]['steps'][-1])} | "
+            f"{final.mean():.4f} +- {se_txt} | "
             f"{final.mean() - start:+.4f} | {cells[0]} | {cells[1]} | {spi[name]:.2f} |")
 
   for name in METHODS:
@@ -574,8 +580,9 @@ def analyse(runs: dict[str, list[dict]], args, command: str, prm_info: dict,
                    f"{_pm(*d_final[:2])} | {_pm(*d_auc[:2])} | "
                    f"{_steps_txt(steps_to(s_abl, c.mean(0), thresholds['plateau'][1]))} | "
                    f"{spi[name]:.2f} |")
-    lines.append(f"| euphonium | {len(ref)} | {int(steps[-1])} | {_curves(ref)[:, -1].mean():.4f}"
-                 f" | | | {_steps_txt(steps_to(steps, _curves(ref).mean(0), thresholds['plateau'][1]))}"
+    lines.append(f"| euphonium | {len(ref)} | {int(ref[0]['steps'][-1])} | "
+                 f"{_curves(ref)[:, -1].mean():.4f} | | | "
+                 f"{_steps_txt(steps_to(ref[0]['steps'], _curves(ref).mean(0), thresholds['plateau'][1]))}"
                  f" | {spi['euphonium']:.2f} |")
     lines.append("")
 
@@ -612,7 +619,7 @@ def analyse(runs: dict[str, list[dict]], args, command: str, prm_info: dict,
               "| iteration | guided SDE | unguided SDE | ODE | gap guided - unguided |",
               "|---|---|---|---|---|"]
     g, u, o = (_curves(ref, k) for k in ("sde_guided", "sde_unguided", "reward"))
-    for j, s in enumerate(steps):
+    for j, s in enumerate(ref[0]["steps"]):
       cell = lambda a: f"{a[:, j].mean():.4f} +- {_se(a[:, j]):.4f}"
       gap = g[:, j] - u[:, j]
       lines.append(f"| {int(s)} | {cell(g)} | {cell(u)} | {cell(o)} | "
@@ -736,7 +743,9 @@ def plan(args) -> list[tuple]:
   out = []
   short = {"grpo.iterations": args.ablation_iterations}
   if "methods" in args.parts:
-    out += [("methods", n, c, o, s) for s in range(args.seeds) for n, (c, o) in METHODS.items()]
+    base = {"grpo.iterations": args.baseline_iterations}
+    out += [("methods", n, c, dict(o, **base) if n == BASELINE else o, s)
+            for s in range(args.seeds) for n, (c, o) in METHODS.items()]
   if "ablations" in args.parts:
     out += [("ablations", n, c, dict(o, **short), s) for s in range(args.ablation_seeds)
             for n, (c, o) in ABLATIONS.items()]
@@ -774,6 +783,11 @@ def main() -> None:
   p.add_argument("--ablation_seeds", type=int, default=3)
   p.add_argument("--iterations", type=int, default=50,
                  help="the methods' budget (DanceGRPO still rises at 30 on 8 prompts x 8)")
+  p.add_argument("--baseline_iterations", type=int, default=80,
+                 help="DanceGRPO's budget in the methods part (0 = --iterations): the "
+                      "thresholds are its plateau, and at 50 iterations of 8 prompts x 8 it "
+                      "has not flattened; a method that has not reached a threshold within "
+                      "its own budget counts as never reaching it")
   p.add_argument("--ablation_iterations", type=int, default=0,
                  help="the budget of the ablations, distill and prm parts; 0 = --iterations "
                       "(Euphonium's reward falls after iteration 20-30, so a shorter budget "
@@ -804,6 +818,9 @@ def main() -> None:
     if args.out.endswith("convergence"):
       args.out += "_quick"
   args.ablation_iterations = args.ablation_iterations or args.iterations
+  if args.quick:
+    args.baseline_iterations = args.iterations
+  args.baseline_iterations = args.baseline_iterations or args.iterations
   args.records = args.records or os.path.join(
       REPO, "experiments", "results", "convergence_quick_runs" if args.quick else
       "convergence_runs")

@@ -151,8 +151,16 @@ def test_a_shorter_ablation_budget_is_paired_at_the_same_iteration():
   # the PRM rows share the shortest budget: the shipped PRM's runs are cut to 15 as well
   rows = [l for l in text.splitlines() if l.startswith(("| shipped | all", "| prm_half | 1/2"))]
   assert len(rows) == 2 and all(l.split("|")[7].strip() == "15" for l in rows)
-  # a method whose evaluations differ from the baseline's is refused
-  bad = dict(runs, flow_grpo=[short(run(saturating(0.1)))])
+  # a method with a shorter budget than the baseline's: it has not reached the plateau
+  # threshold (the baseline's curve reaches it after 15), so never within its budget
+  cut = dict(runs, flow_grpo=[short(run(saturating(0.1) + e, 9.0)) for e in (-0.01, 0, 0.01)])
+  text = conv.analyse(cut, args, "cmd", info)
+  line = next(l for l in text.splitlines() if l.startswith("| flow_grpo | 3 |"))
+  cells = [c.strip() for c in line.split("|")]
+  assert cells[3] == "15" and cells[6].startswith("never")
+  assert "| flow_grpo | plateau |" in text
+  # a method whose evaluations are not a prefix of the baseline's is refused
+  bad = dict(runs, flow_grpo=[dict(run(saturating(0.1)), steps=STEPS + 1)])
   with pytest.raises(ValueError, match="flow_grpo"):
     conv.analyse(bad, args, "cmd", info)
 
