@@ -499,7 +499,8 @@ def analyse(runs: dict[str, list[dict]], args, command: str, prm_info: dict,
        if timed_alone else "Seconds per iteration (rollout + rewards + update, median): "
        "from the runs themselves.") + "\n",
       f"Baseline (DanceGRPO, {len(base)} seeds): start {start:.4f}; its last three seed-mean "
-      f"evaluations {', '.join(f'{x:.4f}' for x in last3)} (SE over seeds "
+      f"evaluations {', '.join(f'{x:.4f}' for x in last3)} (SE over "
+      f"{'seeds' if len(base) > 1 else 'prompts, 1 seed'} "
       f"{', '.join(f'{x:.4f}' for x in se_b[-3:])}): "
       + ("flattened (spread within one SE)." if flat else
          "NOT flattened (spread larger than one SE): the budget is short of its plateau."),
