@@ -621,7 +621,8 @@ def analyse(runs: dict[str, list[dict]], args, command: str, prm_info: dict,
               "|---|---|---|---|---|"]
     g, u, o = (_curves(ref, k) for k in ("sde_guided", "sde_unguided", "reward"))
     for j, s in enumerate(ref[0]["steps"]):
-      cell = lambda a: f"{a[:, j].mean():.4f} +- {_se(a[:, j]):.4f}"
+      cell = lambda a: (f"{a[:, j].mean():.4f} +- {_se(a[:, j]):.4f}" if len(a) > 1
+                        else f"{a[0, j]:.4f}")
       gap = g[:, j] - u[:, j]
       lines.append(f"| {int(s)} | {cell(g)} | {cell(u)} | {cell(o)} | "
                    f"{_pm(gap.mean(), _se(gap))} |")
