@@ -13,7 +13,7 @@ Every run is `python -m euphonium_jax.main` on one of the method configs
 overrides, in its own workdir under `--workdir`; a finished run is skipped and an interrupted
 one resumes (the grpo stage's own checkpoints), so the study resumes run by run; a run finished
 at fewer iterations than `--iterations` is extended from its last checkpoint. A finished run
-also leaves a record, `--records`/<run>.json (its settings and its grpo metrics rows, ~40 KB;
+also leaves a record, `--records`/<run>.json (its settings and its grpo metrics rows, ~25 KB;
 committed to the repository): the analysis reads the records, and a run whose record is there
 is skipped even when its workdir is gone, so the study continues across machines and sessions
 whose workdirs do not survive (a record of a shorter budget without its checkpoints is rerun
@@ -172,14 +172,20 @@ def _sig(v):
   return float(f"{v:.7g}") if isinstance(v, float) else v
 
 
+def _grpo_rows(workdir: str) -> list[dict]:
+  """The grpo stage's rows of `workdir`'s metrics.jsonl."""
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    rows = [json.loads(line) for line in f]
+  return [r for r in rows if r.get("stage") == "grpo"]
+
+
 def save_record(workdir: str, settings: dict, args) -> None:
   """The finished run in `workdir` -> its record: settings, budget, machine and the grpo
   stage's metrics rows (float32 precision; the wall-clock stamp dropped). Written atomically."""
   with open(os.path.join(workdir, "grpo", "final", "info.json")) as f:
     iterations = int(json.load(f)["iterations"])
-  with open(os.path.join(workdir, "metrics.jsonl")) as f:
-    rows = [{k: _sig(v) for k, v in json.loads(line).items() if k not in ("time", "stage")}
-            for line in f if json.loads(line).get("stage") == "grpo"]
+  rows = [{k: _sig(v) for k, v in r.items() if k not in ("time", "stage")}
+          for r in _grpo_rows(workdir)]
   rec = dict(settings, iterations=iterations, machine=f"{_cpu_model()}, {os.cpu_count()} cores",
              date=time.strftime("%Y-%m-%d"), jobs=args.jobs, rows=rows)
   path = record_path(workdir, args)
@@ -335,9 +341,7 @@ def read_run(workdir: str, args) -> dict | None:
   if rec is not None:
     rows, machine = rec["rows"], f"{rec['machine']} ({rec['date']})"
   elif os.path.exists(os.path.join(workdir, "grpo", "final", "DONE")):
-    with open(os.path.join(workdir, "metrics.jsonl")) as f:
-      rows = [json.loads(line) for line in f]
-    rows = [r for r in rows if r.get("stage") == "grpo"]
+    rows = _grpo_rows(workdir)
   else:
     return None
   evals = [r for r in rows if "eval_reward" in r]
@@ -813,15 +817,13 @@ def main() -> None:
   args = p.parse_args()
   if args.quick:
     args.seeds, args.iterations, args.eval_every, args.eval_prompts = 1, 6, 3, 64
-    args.ablation_iterations = 6
+    args.ablation_iterations = args.baseline_iterations = 6
     args.prompts = args.prompts or 8
     args.jobs = max(args.jobs, min(2, len(os.sched_getaffinity(0))))
     args.parts = "methods"
     if args.out.endswith("convergence"):
       args.out += "_quick"
   args.ablation_iterations = args.ablation_iterations or args.iterations
-  if args.quick:
-    args.baseline_iterations = args.iterations
   args.baseline_iterations = args.baseline_iterations or args.iterations
   args.records = args.records or os.path.join(
       REPO, "experiments", "results", "convergence_quick_runs" if args.quick else
