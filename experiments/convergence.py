@@ -32,9 +32,11 @@ Parts:
   methods    the five methods at `--seeds` seeds;
   ablations  Euphonium's ablations at `--ablation_seeds` seeds (paired with Euphonium's seeds);
   distill    a guidance-strength probe (beta 0.1 to 0.001 at iteration 0: is there a gap
-             between the guided and the unguided sampler at any strength?), explicit
-             distillation, `grpo.distill_coef` x `grpo.kl_coef` at seed 0, then the best cell
-             (highest final ODE reward) at `--ablation_seeds` seeds, and frozen teachers;
+             between the guided and the unguided sampler at any strength?), then explicit
+             distillation at `DISTILL_BETA` (0.001: at Euphonium's 0.5 the gap is ~1e-4):
+             `distill_off` (no explicit distillation: the reference), `grpo.distill_coef` x
+             `grpo.kl_coef` at seed 0 and frozen teachers, then the best cell (highest final
+             ODE reward) and `distill_off` at `--ablation_seeds` seeds, paired;
   prm        PRMs trained on 1/4 and 1/2 of configs/prm.py's rollouts (the prm stage, its
              report's Spearman), Euphonium with each at `--ablation_seeds` seeds.
 
@@ -102,6 +104,13 @@ ABLATIONS = {
         "grpo.clip_range": 1e-4, "grpo.adv_clip": 5.0, "grpo.timestep_fraction": 0.6,
         "grpo.score": "x0_hat"}),
 }
+# Explicit distillation runs at a stronger guidance than Euphonium's: at its beta 0.5 the guided
+# and unguided samplers differ by ~1e-4 in reward (the probe below, and every evaluation of
+# Euphonium seed 0), so there is nothing to distil; at beta 0.001 (500x the shift) the guided
+# sampler earns +0.045 at iteration 0 (2 prompt-SEs). The distill part's runs use it, and its
+# reference is the same run without explicit distillation (`distill_off`).
+DISTILL_BETA = 0.001
+DISTILL_GUIDANCE = dict(SDE_EVAL, **{"sampling.guidance.beta": DISTILL_BETA})
 DISTILL_COEFS = (0.1, 0.3, 1.0)
 KL_COEFS = (0.01, 0.1, 1.0)
 # A frozen teacher instead of the on-policy target (no KL): the initial model's guided kernel
@@ -418,13 +427,20 @@ def bootstrap_speedup(curves, base, steps, threshold_fn, n: int = 10000, seed: i
 
 def paired(ablation: list[dict], reference: list[dict], key: str = "reward", at=-1):
   """Seed-by-seed differences (ablation - reference) at evaluation `at` (or the mean over
-  evaluations, at=None) over the seeds both have -> (mean, SE over seeds, n)."""
-  n = min(len(ablation), len(reference))
+  evaluations, at=None) over the seeds both have -> (mean, SE over seeds, n). Runs are matched
+  by their "seed" where they carry one (the study's do), else by position."""
+  if all("seed" in r for r in ablation + reference):
+    by_seed = {r["seed"]: r for r in reference}
+    pairs = [(a, by_seed[a["seed"]]) for a in ablation if a["seed"] in by_seed]
+  else:
+    pairs = list(zip(ablation, reference))
+  if not pairs:
+    return float("nan"), float("nan"), 0
   # the evaluations both have: a shorter budget's evaluations are a prefix of a longer one's
   m = min(len(ablation[0][key]), len(reference[0][key]))
   pick = (lambda r: r[key][:m][at]) if at is not None else (lambda r: r[key][:m].mean())
-  d = np.array([pick(ablation[i]) - pick(reference[i]) for i in range(n)])
-  return float(d.mean()), _se(d), n
+  d = np.array([pick(a) - pick(r) for a, r in pairs])
+  return float(d.mean()), _se(d), len(pairs)
 
 
 def _cpu_model() -> str:
@@ -453,6 +469,21 @@ def _steps_txt(x: float) -> str:
 
 def _pm(mean: float, se: float) -> str:
   return f"{mean:+.4f} +- {se:.4f}" if np.isfinite(se) else f"{mean:+.4f} (1 seed)"
+
+
+def _sampler_lines(rs: list[dict]) -> list[str]:
+  """A table of the guided SDE, unguided SDE and ODE rewards of runs `rs` at every evaluation
+  (mean +- SE over seeds) and the gap guided - unguided paired per seed."""
+  lines = ["| iteration | guided SDE | unguided SDE | ODE | gap guided - unguided |",
+           "|---|---|---|---|---|"]
+  g, u, o = (_curves(rs, k) for k in ("sde_guided", "sde_unguided", "reward"))
+  for j, s in enumerate(rs[0]["steps"]):
+    cell = lambda a: (f"{a[:, j].mean():.4f} +- {_se(a[:, j]):.4f}" if len(a) > 1
+                      else f"{a[0, j]:.4f}")
+    gap = g[:, j] - u[:, j]
+    lines.append(f"| {int(s)} | {cell(g)} | {cell(u)} | {cell(o)} | "
+                 f"{_pm(gap.mean(), _se(gap))} |")
+  return lines + [""]
 
 
 def analyse(runs: dict[str, list[dict]], args, command: str, prm_info: dict,
@@ -562,7 +593,7 @@ def analyse(runs: dict[str, list[dict]], args, command: str, prm_info: dict,
                    f"{ratio:.2f}{ci} | {nv} | {1 / wall:.2f}x | {ratio * wall:.2f}{ciw} |")
   lines.append("")
 
-  abl = [n for n in list(ABLATIONS) + ["distill_best"] + list(PRM_FRACTIONS) if n in runs]
+  abl = [n for n in list(ABLATIONS) + list(PRM_FRACTIONS) if n in runs]
   ref = runs.get("euphonium", [])
   if abl and ref:
     lines += ["## Ablations (paired with Euphonium seed by seed)\n",
@@ -620,17 +651,8 @@ def analyse(runs: dict[str, list[dict]], args, command: str, prm_info: dict,
               "Euphonium's runs, at every evaluation, on the same prompts and noise: the "
               "guided SDE (the training sampler with PRM guidance), the unguided SDE (the same "
               "SDE, guidance off: what the network does alone) and the ODE. Mean over seeds "
-              "(+- SE over seeds); gap = guided - unguided, paired per seed.\n",
-              "| iteration | guided SDE | unguided SDE | ODE | gap guided - unguided |",
-              "|---|---|---|---|---|"]
-    g, u, o = (_curves(ref, k) for k in ("sde_guided", "sde_unguided", "reward"))
-    for j, s in enumerate(ref[0]["steps"]):
-      cell = lambda a: (f"{a[:, j].mean():.4f} +- {_se(a[:, j]):.4f}" if len(a) > 1
-                        else f"{a[0, j]:.4f}")
-      gap = g[:, j] - u[:, j]
-      lines.append(f"| {int(s)} | {cell(g)} | {cell(u)} | {cell(o)} | "
-                   f"{_pm(gap.mean(), _se(gap))} |")
-    lines.append("")
+              "(+- SE over seeds); gap = guided - unguided, paired per seed.\n"]
+    lines += _sampler_lines(ref)
     if probes:
       r0 = ref[0]
       lines += ["Guidance strength at iteration 0 (the base model, seed 0; Euphonium's sampler "
@@ -648,32 +670,56 @@ def analyse(runs: dict[str, list[dict]], args, command: str, prm_info: dict,
                      f"{r['sde_unguided'][0]:.4f} | "
                      f"{r['sde_guided'][0] - r['sde_unguided'][0]:+.4f} |")
       lines.append("")
-    sweep = {k: v for k, v in runs.items() if k.startswith("distill_")}
-    if sweep:
-      j = len(next(iter(sweep.values()))[0]["steps"]) - 1  # Euphonium at the sweep's budget
-      lines += [f"Explicit distillation (`grpo.distill_coef` x `grpo.kl_coef`, seed 0), final "
-                f"evaluation (iteration {int(steps[j])}); Euphonium seed 0 (no explicit "
-                "distillation, no KL) at the same iteration for comparison:\n",
-                "| run | distill_coef | kl_coef | ODE | unguided SDE | guided SDE | gap |",
-                "|---|---|---|---|---|---|---|"]
-      r0 = ref[0]
-      lines.append(f"| euphonium seed 0 | 0 | 0 | {r0['reward'][j]:.4f} | "
-                   f"{r0['sde_unguided'][j]:.4f} | {r0['sde_guided'][j]:.4f} | "
-                   f"{r0['sde_guided'][j] - r0['sde_unguided'][j]:+.4f} |")
-      for name, rs in sweep.items():
-        r = rs[0]
-        if name in DISTILL_FROZEN:
-          o = DISTILL_FROZEN[name]
-          d = o["grpo.distill_coef"]
-          k = f"0 (frozen teacher, refreshed every {o['grpo.teacher_refresh_every'] or 'never'})"
-        elif name == "distill_best":
-          d, k = "best", "best"
-        else:
-          d, k = name[len("distill_d"):].split("_k")
-        lines.append(f"| {name} | {d} | {k} | {r['reward'][-1]:.4f} | "
-                     f"{r['sde_unguided'][-1]:.4f} | {r['sde_guided'][-1]:.4f} | "
-                     f"{r['sde_guided'][-1] - r['sde_unguided'][-1]:+.4f} |")
-      lines.append("")
+  off = runs.get("distill_off")
+  if off:
+    lines += [f"### Explicit distillation at guidance beta {DISTILL_BETA:g}\n",
+              f"Euphonium with beta {DISTILL_BETA:g} ({0.5 / DISTILL_BETA:g}x its guidance "
+              "shift, where the guided sampler earns a reward the unguided one does not), "
+              "without explicit distillation (`distill_off`): its samplers over training.\n"]
+    lines += _sampler_lines(off)
+  sweep = {k: v for k, v in runs.items()
+           if k.startswith("distill_") and k not in ("distill_off", "distill_best")}
+  if sweep:
+    j = len(next(iter(sweep.values()))[0]["steps"]) - 1
+    lines += [f"The sweep (`grpo.distill_coef` x `grpo.kl_coef`, seed 0, beta "
+              f"{DISTILL_BETA:g}), final evaluation (iteration {int(steps[j])}); `distill_off` "
+              "(the same, no explicit distillation, no KL) and Euphonium seed 0 (beta 0.5) at "
+              "the same iteration for comparison:\n",
+              "| run | distill_coef | kl_coef | ODE | unguided SDE | guided SDE | gap |",
+              "|---|---|---|---|---|---|---|"]
+    row = lambda name, d, k, r, i: (
+        f"| {name} | {d} | {k} | {r['reward'][i]:.4f} | {r['sde_unguided'][i]:.4f} | "
+        f"{r['sde_guided'][i]:.4f} | {r['sde_guided'][i] - r['sde_unguided'][i]:+.4f} |")
+    for name, rs in [("euphonium", ref), ("distill_off", off)]:
+      if rs and "sde_guided" in rs[0] and len(rs[0]["steps"]) > j:
+        lines.append(row(f"{name} seed 0", 0, 0, rs[0], j))
+    for name, rs in sweep.items():
+      if name in DISTILL_FROZEN:
+        o = DISTILL_FROZEN[name]
+        d = o["grpo.distill_coef"]
+        k = f"0 (frozen teacher, refreshed every {o['grpo.teacher_refresh_every'] or 'never'})"
+      else:
+        d, k = name[len("distill_d"):].split("_k")
+      lines.append(row(name, d, k, rs[0], -1))
+    lines.append("")
+  best = runs.get("distill_best")
+  if best and off:
+    lines += [f"The best cell ({best[0].get('cell', '?')}, highest final ODE reward at seed 0)"
+              f" against `distill_off`, paired seed by seed (mean +- SE over seeds):\n",
+              "| measure | seeds | best cell | distill_off | best minus distill_off |",
+              "|---|---|---|---|---|"]
+    for label, key, at in [("final ODE reward", "reward", -1),
+                           ("final unguided SDE reward", "sde_unguided", -1),
+                           ("final guided SDE reward", "sde_guided", -1),
+                           ("ODE reward, mean over evaluations", "reward", None)]:
+      pick = (lambda r: r[key][at]) if at is not None else (lambda r: r[key].mean())
+      mean, se, n = paired(best, off, key, at)
+      lines.append(f"| {label} | {n} | {np.mean([pick(r) for r in best]):.4f} | "
+                   f"{np.mean([pick(r) for r in off]):.4f} | {_pm(mean, se)} |")
+    gb = np.array([r["sde_guided"][-1] - r["sde_unguided"][-1] for r in best])
+    go = np.array([r["sde_guided"][-1] - r["sde_unguided"][-1] for r in off])
+    lines += [f"| final gap guided - unguided | {len(gb)} / {len(go)} | {_pm(gb.mean(), _se(gb))} | "
+              f"{_pm(go.mean(), _se(go))} | |", ""]
 
   if prm_info:
     lines += ["## PRM quality against speed-up\n",
@@ -704,31 +750,41 @@ def plot(runs: dict[str, list[dict]], path: str) -> None:
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
-  panels = [([n for n in METHODS if n in runs], "methods (band: +- 1 SE over seeds)", "reward")]
-  abl = [n for n in list(ABLATIONS) + list(PRM_FRACTIONS) + ["distill_best"] if n in runs]
+  # (curves, title, run): the runs' ODE reward, or (run given) that run's three samplers
+  panels = [([n for n in METHODS if n in runs],
+             "methods (band: +- 1 SE over seeds; the prompts' SE for one seed)", None)]
+  abl = [n for n in list(ABLATIONS) + list(PRM_FRACTIONS) if n in runs]
   if abl and "euphonium" in runs:
-    panels.append((["euphonium"] + abl, "ablations of Euphonium", "reward"))
-  if "euphonium" in runs and "sde_guided" in runs["euphonium"][0]:
-    panels.append((["sde_guided", "sde_unguided", "reward"], "Euphonium's samplers", None))
-  fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.5), squeeze=False,
+    panels.append((["euphonium"] + abl, "ablations of Euphonium", None))
+  for run, title in [("euphonium", "Euphonium's samplers"),
+                     ("distill_off", f"beta {DISTILL_BETA:g}, no explicit distillation"),
+                     ("distill_best", f"beta {DISTILL_BETA:g}, the best distillation cell")]:
+    if run in runs and "sde_guided" in runs[run][0]:
+      panels.append((["sde_guided", "sde_unguided", "reward"], title, run))
+  cols = min(3, len(panels))
+  rows = -(-len(panels) // cols)
+  fig, axes = plt.subplots(rows, cols, figsize=(6 * cols, 4.5 * rows), squeeze=False,
                            sharey=True)
-  for ax, (names, title, key) in zip(axes[0], panels):
+  for ax in axes.flat[len(panels):]:
+    ax.axis("off")
+  for ax, (names, title, run) in zip(axes.flat, panels):
     for name in names:
-      rs, k = (runs[name], key) if key else (runs["euphonium"], name)
-      label = name if key else {"sde_guided": "guided SDE", "sde_unguided": "unguided SDE",
-                                "reward": "ODE"}[name]
+      rs, k = (runs[run], name) if run else (runs[name], "reward")
+      label = name if not run else {"sde_guided": "guided SDE", "sde_unguided": "unguided SDE",
+                                    "reward": "ODE"}[name]
       s = rs[0]["steps"]
       r = _curves(rs, k)
       m = r.mean(0)
       se = r.std(0, ddof=1) / np.sqrt(len(rs)) if len(rs) > 1 else rs[0]["stderr"]
-      line, = ax.plot(s, m, "-" if name in METHODS or not key else "--", marker="o",
+      line, = ax.plot(s, m, "-" if name in METHODS or run else "--", marker="o",
                       markersize=3, label=f"{label} (n={len(rs)})")
       ax.fill_between(s, m - se, m + se, color=line.get_color(), alpha=0.15)
     ax.set_title(title, fontsize=9)
     ax.set_xlabel("iteration (one optimiser step each)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
-  axes[0, 0].set_ylabel("held-out reward (no reward model)")
+  for ax in axes[:, 0]:
+    ax.set_ylabel("held-out reward (no reward model)")
   fig.tight_layout()
   fig.savefig(path, dpi=110)
   plt.close(fig)
@@ -760,10 +816,12 @@ def plan(args) -> list[tuple]:
              dict(SDE_EVAL, **{"sampling.guidance.beta": b, "grpo.iterations": 1,
                                "grpo.eval_every": 1, "grpo.ckpt_every": 1}), 0)
             for b in GUIDANCE_BETAS]
+    out += [("distill", "distill_off", "configs/euphonium.py", dict(DISTILL_GUIDANCE, **short),
+             0)]
     out += [("distill", f"distill_d{d}_k{k}", "configs/euphonium.py",
-             dict(SDE_EVAL, **short, **{"grpo.distill_coef": d, "grpo.kl_coef": k}), 0)
+             dict(DISTILL_GUIDANCE, **short, **{"grpo.distill_coef": d, "grpo.kl_coef": k}), 0)
             for d in DISTILL_COEFS for k in KL_COEFS]
-    out += [("distill", n, "configs/euphonium.py", dict(SDE_EVAL, **short, **o), 0)
+    out += [("distill", n, "configs/euphonium.py", dict(DISTILL_GUIDANCE, **short, **o), 0)
             for n, o in DISTILL_FROZEN.items()]
   return out
 
@@ -836,10 +894,10 @@ def main() -> None:
   command = "python experiments/convergence.py " + " ".join(sys.argv[1:])
   runs: dict[str, list[dict]] = {}
 
-  def add(name, workdir):
-    r = read_run(workdir, args)
+  def add(name, seed):
+    r = read_run(os.path.join(args.workdir, f"{name}_seed{seed}"), args)
     if r is not None:
-      runs.setdefault(name, []).append(r)
+      runs.setdefault(name, []).append(dict(r, seed=seed))
 
   for c in _core_sets(args.jobs):
     _CORES.put(c)
@@ -852,16 +910,20 @@ def main() -> None:
   # A guidance probe that fails (a strength too large) is reported and left out, not fatal.
   run_many([(name, config, over, seed) for part, name, config, over, seed in work], args,
            fatal=lambda name: not name.startswith("guidance_beta"))
-  # Distillation's best cell (highest final ODE reward at seed 0) at more seeds.
+  # Distillation's best cell (highest final ODE reward at seed 0) and its reference at more
+  # seeds (their seed 0 is the sweep's own run).
   sweep = {f"distill_d{d}_k{k}": (d, k) for d in DISTILL_COEFS for k in KL_COEFS}
   finals = {n: read_run(os.path.join(args.workdir, f"{n}_seed0"), args) for n in sweep}
-  if "distill" in args.parts and not args.analyse and all(finals.values()):
-    best = max(finals, key=lambda n: finals[n]["reward"][-1])
+  best = max(finals, key=lambda n: finals[n]["reward"][-1]) if all(finals.values()) else None
+  if "distill" in args.parts and not args.analyse and best:
     d, k = sweep[best]
+    short = dict(DISTILL_GUIDANCE, **{"grpo.iterations": args.ablation_iterations})
+    more = range(1, args.ablation_seeds)
     run_many([("distill_best", "configs/euphonium.py",
-               dict(SDE_EVAL, **{"grpo.distill_coef": d, "grpo.kl_coef": k,
-                                 "grpo.iterations": args.ablation_iterations}), s)
-              for s in range(args.ablation_seeds) if wanted("distill_best", s)], args)
+               dict(short, **{"grpo.distill_coef": d, "grpo.kl_coef": k}), s)
+              for s in more if wanted("distill_best", s)]
+             + [("distill_off", "configs/euphonium.py", short, s)
+                for s in more if wanted("distill_off", s)], args)
   prm_info = {}
   if "prm" in args.parts:
     for name, frac in PRM_FRACTIONS.items():
@@ -878,11 +940,13 @@ def main() -> None:
                   for s in todo], args)
 
   # Read every finished run in the workdir (parts run earlier included).
-  names = (list(METHODS) + list(ABLATIONS) + list(sweep) + list(DISTILL_FROZEN) + ["distill_best"]
-           + list(PRM_FRACTIONS))
+  names = (list(METHODS) + list(ABLATIONS) + ["distill_off"] + list(sweep) + list(DISTILL_FROZEN)
+           + ["distill_best"] + list(PRM_FRACTIONS))
   for name in names:
     for s in range(max(args.seeds, args.ablation_seeds)):
-      add(name, os.path.join(args.workdir, f"{name}_seed{s}"))
+      add(name, s)
+  if best:  # the best cell's seed 0 is the sweep's run of it
+    runs["distill_best"] = [dict(finals[best], seed=0, cell=best)] + runs.get("distill_best", [])
   for name, frac in [("shipped", 1)] + list(PRM_FRACTIONS.items()):
     rep = prm_quality(name, args)
     if rep is not None:

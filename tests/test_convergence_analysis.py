@@ -56,6 +56,11 @@ def test_paired_differences_are_seed_by_seed():
   assert mean == pytest.approx(-0.01) and se == pytest.approx(0.0, abs=1e-12) and n == 3
   # unpaired, the seed spread (0.03) would swamp the difference; paired it does not
   assert conv.paired(abl, ref, at=None)[0] == pytest.approx(-0.01)
+  # runs carrying their seed are matched by it, not by position (a seed missing in between)
+  ref = [dict(r, seed=i) for i, r in enumerate(ref)]
+  abl = [dict(abl[0], seed=0), dict(abl[2], seed=2)]
+  assert conv.paired(abl, ref)[0] == pytest.approx(-0.01) and conv.paired(abl, ref)[2] == 2
+  assert conv.paired(abl[::-1], ref)[1] == pytest.approx(0.0, abs=1e-12)
 
 
 def test_analyse_writes_every_table():
@@ -232,3 +237,32 @@ def test_the_guidance_probe_table():
   text = conv.analyse(runs, args, "cmd", {}, None, {0.02: probe})
   assert "| 0.5 (Euphonium) | 1x | 0.4010 | 0.4000 | +0.0010 |" in text
   assert "| 0.02 | 25x | 0.4500 | 0.4000 | +0.0500 |" in text
+
+
+def test_the_distillation_tables_pair_the_best_cell_with_its_reference(tmp_path):
+  sde = lambda c, gap, e: dict(sde_guided=c + gap + e, sde_unguided=c + e)
+  eu = [dict(run(saturating(0.3) + e, 12.0, **sde(saturating(0.3), 0.0, e)), seed=i)
+        for i, e in enumerate((-0.01, 0, 0.01))]
+  # reference: a gap of 0.04 that stays; best cell: ODE and unguided 0.03 above, gap 0.01
+  off = [dict(run(saturating(0.2) + e, 12.0, **sde(saturating(0.2), 0.04, e)), seed=i)
+         for i, e in enumerate((-0.01, 0, 0.01))]
+  best = [dict(run(saturating(0.2) + 0.03 + e, 13.0, **sde(saturating(0.2) + 0.03, 0.01, e)),
+               seed=i) for i, e in enumerate((-0.01, 0, 0.01))]
+  best[0]["cell"] = "distill_d0.3_k0.1"
+  runs = {"euphonium": eu, "dance_grpo": [run(saturating(0.1) + e) for e in (-0.01, 0, 0.01)],
+          "distill_off": off, "distill_d0.3_k0.1": best[:1], "distill_best": best,
+          "process_pre": [dict(r, seed=r["seed"]) for r in eu]}
+  args = types.SimpleNamespace(eval_prompts=128, prompts=8, jobs=2, timing_iterations=5)
+  text = conv.analyse(runs, args, "cmd", {})
+  assert f"### Explicit distillation at guidance beta {conv.DISTILL_BETA:g}" in text
+  assert "| distill_off seed 0 | 0 | 0 |" in text and "| distill_d0.3_k0.1 | 0.3 | 0.1 |" in text
+  assert "The best cell (distill_d0.3_k0.1" in text
+  for label in ("final ODE reward", "final unguided SDE reward"):
+    line = next(l for l in text.splitlines() if l.startswith(f"| {label} |"))
+    assert line.endswith("| +0.0300 +- 0.0000 |"), line
+  line = next(l for l in text.splitlines() if l.startswith("| final gap guided - unguided |"))
+  assert "+0.0100 +- 0.0000" in line and "+0.0400 +- 0.0000" in line
+  # beta differs from Euphonium's: the best cell is not an ablation of Euphonium
+  assert "| process_pre | 3 |" in text and "| distill_best |" not in text
+  conv.plot(runs, str(tmp_path / "p.png"))  # five panels on two rows
+  assert (tmp_path / "p.png").stat().st_size > 10_000
