@@ -486,6 +486,21 @@ def _sampler_lines(rs: list[dict]) -> list[str]:
   return lines + [""]
 
 
+def _cut_to_baseline(runs: dict[str, list[dict]]) -> tuple[dict, str]:
+  """DanceGRPO's seeds at different budgets (a study in progress): every run cut to the
+  shortest seed's evaluations -> (runs, a sentence saying so, or "")."""
+  base = runs[BASELINE]
+  n_base = min(len(r["steps"]) for r in base)
+  if all(len(r["steps"]) == n_base for r in base):
+    return runs, ""
+  note = (f" Its seeds' budgets differ ({', '.join(str(int(r['steps'][-1])) for r in base)}"
+          f" iterations): all are analysed to the shortest, {int(base[0]['steps'][n_base - 1])}"
+          " (and so is every other run).")
+  keys = ("steps", "reward", "stderr", "sde_guided", "sde_unguided")
+  return {n: [dict(r, **{k: r[k][:n_base] for k in keys if k in r}) for r in rs]
+          for n, rs in runs.items()}, note
+
+
 def analyse(runs: dict[str, list[dict]], args, command: str, prm_info: dict,
             timing: dict[str, float] | None = None, probes: dict | None = None) -> str:
   """The report's text. `timing`: method -> median seconds per iteration of its timing run
@@ -493,6 +508,7 @@ def analyse(runs: dict[str, list[dict]], args, command: str, prm_info: dict,
   `probes`: guidance beta -> the run of the guidance probe (its iteration-0 evaluation)."""
   if BASELINE not in runs:
     return "No finished DanceGRPO run yet: nothing to analyse.\n"
+  runs, cut_note = _cut_to_baseline(runs)
   steps = runs[BASELINE][0]["steps"]
   for name, rs in runs.items():
     for r in rs:  # the methods share the budget; the other parts may stop earlier
@@ -538,7 +554,8 @@ def analyse(runs: dict[str, list[dict]], args, command: str, prm_info: dict,
       f"{'seeds' if len(base) > 1 else 'prompts, 1 seed'} "
       f"{', '.join(f'{x:.4f}' for x in se_b[-3:])}): "
       + ("flattened (spread within one SE)." if flat else
-         "NOT flattened (spread larger than one SE): the budget is short of its plateau."),
+         "NOT flattened (spread larger than one SE): the budget is short of its plateau.")
+      + cut_note,
       f"Thresholds: plateau (the paper's: mean of those three) = "
       f"{thresholds['plateau'][1]:.4f}; final (the baseline's final mean) = "
       f"{thresholds['final'][1]:.4f}."
@@ -589,7 +606,11 @@ def analyse(runs: dict[str, list[dict]], args, command: str, prm_info: dict,
             f"{never:.0%}"
       else:
         ci = ciw = nv = " (1 seed)"
-      lines.append(f"| {name} | {tname} | {_steps_txt(sb)} | {_steps_txt(sm)} | "
+      budget = float(runs[name][0]["steps"][-1])
+      # not reached within its budget B: a reach after B would be a speed-up below steps_b / B
+      sm_txt = (f"never in {budget:.0f} (would be < {sb / budget:.2f}x)"
+                if np.isinf(sm) and np.isfinite(sb) else _steps_txt(sm))
+      lines.append(f"| {name} | {tname} | {_steps_txt(sb)} | {sm_txt} | "
                    f"{ratio:.2f}{ci} | {nv} | {1 / wall:.2f}x | {ratio * wall:.2f}{ciw} |")
   lines.append("")
 
@@ -750,6 +771,8 @@ def plot(runs: dict[str, list[dict]], path: str) -> None:
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
+  if BASELINE in runs:
+    runs = _cut_to_baseline(runs)[0]
   # (curves, title, run): the runs' ODE reward, or (run given) that run's three samplers
   panels = [([n for n in METHODS if n in runs],
              "methods (band: +- 1 SE over seeds; the prompts' SE for one seed)", None)]

@@ -163,7 +163,17 @@ def test_a_shorter_ablation_budget_is_paired_at_the_same_iteration():
   line = next(l for l in text.splitlines() if l.startswith("| flow_grpo | 3 |"))
   cells = [c.strip() for c in line.split("|")]
   assert cells[3] == "15" and cells[6].startswith("never")
-  assert "| flow_grpo | plateau |" in text
+  # the bound: a reach after its 15 iterations would be a speed-up below steps_b / 15
+  line = next(l for l in text.splitlines() if l.startswith("| flow_grpo | plateau |"))
+  sb = conv.steps_to(STEPS, np.mean([r["reward"] for r in runs["dance_grpo"]], 0),
+                     conv.plateau_threshold(conv._curves(runs["dance_grpo"])))
+  assert f"never in 15 (would be < {sb / 15:.2f}x)" in line and sb > 15
+  # DanceGRPO's seeds at different budgets: analysed to the shortest, and said so
+  mixed = dict(runs, dance_grpo=[short(runs["dance_grpo"][0])] + runs["dance_grpo"][1:])
+  text = conv.analyse(mixed, args, "cmd", info)
+  assert "budgets differ (15, 30, 30 iterations): all are analysed to the shortest, 15" in text
+  assert "| dance_grpo | 3 | 15 |" in text and "| euphonium | 3 | 15 |" in text
+  conv.plot(mixed, "/dev/null")
   # a method whose evaluations are not a prefix of the baseline's is refused
   bad = dict(runs, flow_grpo=[dict(run(saturating(0.1)), steps=STEPS + 1)])
   with pytest.raises(ValueError, match="flow_grpo"):
