@@ -528,6 +528,13 @@ def analyse(runs: dict[str, list[dict]], args, command: str, prm_info: dict,
       "stderr"]
   last3 = mean_b[-3:]
   flat = float(last3.max() - last3.min()) <= float(se_b[-3:].min())
+  # a second reading of the plateau, less at the mercy of one evaluation's noise: the slope
+  # of each seed's curve over the last third of the budget (least squares), over seeds
+  tail = steps >= steps[-1] * 2 / 3
+  slopes = np.array([np.polyfit(steps[tail], c[tail], 1)[0] for c in base]) * 10
+  slope_txt = (f" Slope over iterations {int(steps[tail][0])}-{int(steps[-1])} (each seed's "
+               f"least-squares line, per 10 iterations): {_pm(slopes.mean(), _se(slopes))}"
+               + (f" over {len(slopes)} seeds" if len(slopes) > 1 else "") + ".")
   budgets = ", ".join(f"{n} {int(rs[0]['steps'][-1])}" for n, rs in runs.items()
                       if n in METHODS)
   lines = [
@@ -554,8 +561,8 @@ def analyse(runs: dict[str, list[dict]], args, command: str, prm_info: dict,
       f"{'seeds' if len(base) > 1 else 'prompts, 1 seed'} "
       f"{', '.join(f'{x:.4f}' for x in se_b[-3:])}): "
       + ("flattened (spread within one SE)." if flat else
-         "NOT flattened (spread larger than one SE): the budget is short of its plateau.")
-      + cut_note,
+         "NOT flattened by this criterion (spread larger than one SE).")
+      + slope_txt + cut_note,
       f"Thresholds: plateau (the paper's: mean of those three) = "
       f"{thresholds['plateau'][1]:.4f}; final (the baseline's final mean) = "
       f"{thresholds['final'][1]:.4f}."

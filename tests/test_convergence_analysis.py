@@ -82,7 +82,7 @@ def test_analyse_writes_every_table():
   text = conv.analyse(runs, args, "cmd", info)
   for needle in ("## Methods", "| euphonium | plateau |", "| euphonium | final |",
                  "| guidance_off_dual | 3 |", "-0.0200 +- 0.0000", "## Distillation",
-                 "| 30 |", "+0.0400 +- 0.0000", "| distill_d0.1_k0.1 | 0.1 | 0.1 |",
+                 "| 30 |", "+0.0400 +- 0.0000", "Slope over iterations 21-30", "| distill_d0.1_k0.1 | 0.1 | 0.1 |",
                  "## PRM quality", "| shipped | all | 0.650 |", "flattened",
                  # first 5 iterations 0.42, last 5 0.67 (SE 0.01 / sqrt 3); the PRM score
                  "| euphonium | 3 | 0.4200 +- 0.0058 | 0.6700 +- 0.0058 | 0.6200 +- 0.0000 | "
@@ -276,3 +276,12 @@ def test_the_distillation_tables_pair_the_best_cell_with_its_reference(tmp_path)
   assert "| process_pre | 3 |" in text and "| distill_best |" not in text
   conv.plot(runs, str(tmp_path / "p.png"))  # five panels on two rows
   assert (tmp_path / "p.png").stat().st_size > 10_000
+
+
+def test_the_baseline_slope_over_the_last_third():
+  # 0.002 per iteration on iterations 21-30 (flat before), every seed: +0.0200 per 10
+  runs = {"dance_grpo": [run(0.45 + e + 0.002 * np.maximum(STEPS - 21, 0))
+                         for e in (-0.01, 0, 0.01)]}
+  args = types.SimpleNamespace(eval_prompts=128, prompts=8, jobs=2, timing_iterations=5)
+  text = conv.analyse(runs, args, "cmd", {})
+  assert "(each seed's least-squares line, per 10 iterations): +0.0200 +- 0.0000 over 3 seeds" in text
