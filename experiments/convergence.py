@@ -40,10 +40,12 @@ Parts:
   prm        PRMs trained on 1/4 and 1/2 of configs/prm.py's rollouts (the prm stage, its
              report's Spearman), Euphonium with each at `--ablation_seeds` seeds.
 
-Analysis (`analyse`): two thresholds, each with a percentile bootstrap over seeds (every
+Analysis (`analyse`): three thresholds, each with a percentile bootstrap over seeds (every
 method's seeds resampled with replacement, thresholds and curves recomputed): the paper's (the
 baseline's plateau reward: DanceGRPO's seed-mean curve averaged over its last three
-evaluations) and the baseline's final mean. Steps to a threshold on the seed-mean curve
+evaluations), the baseline's final mean, and 90% of the baseline's gain from its start to its
+plateau (on a flat curve the first two sit where a small change of the threshold moves the
+baseline's crossing by tens of iterations; the third sits where its curve still rises). Steps to a threshold on the seed-mean curve
 (linear interpolation between evaluations; never = not reached); speed-up =
 steps(DanceGRPO) / steps(method), in wall time times the ratio of median seconds per
 iteration (rollout + update, measured in the same study). Whether DanceGRPO has flattened:
@@ -398,6 +400,14 @@ def final_threshold(base: np.ndarray) -> float:
   return float(base[:, -1].mean())
 
 
+def gain90_threshold(base: np.ndarray) -> float:
+  """90% of the baseline's gain from its start to its plateau: start + 0.9 (plateau - start).
+  On a plateaued curve the plateau and final thresholds are crossed where the curve is flat,
+  so one seed more or less moves the baseline's steps to them by tens of iterations; this one
+  is crossed where the curve still rises."""
+  return float(base[:, 0].mean() + 0.9 * (plateau_threshold(base) - base[:, 0].mean()))
+
+
 def speedup(curves: np.ndarray, base: np.ndarray, steps: np.ndarray, threshold_fn
             ) -> tuple[float, float, float]:
   """(steps of the baseline, steps of the method, ratio) on the seed-mean curves at
@@ -517,7 +527,8 @@ def analyse(runs: dict[str, list[dict]], args, command: str, prm_info: dict,
         raise ValueError(f"{name}: evaluations at {r['steps']}, expected {want}")
   base = _curves(runs[BASELINE])
   thresholds = {"plateau": (plateau_threshold, plateau_threshold(base)),
-                "final": (final_threshold, final_threshold(base))}
+                "final": (final_threshold, final_threshold(base)),
+                "90% of gain": (gain90_threshold, gain90_threshold(base))}
   start = float(base[0, 0])
   spi = {k: float(np.median([r["seconds_per_iteration"] for r in v])) for k, v in runs.items()}
   timed_alone = bool(timing) and all(k in timing for k in METHODS if k in runs)
@@ -565,7 +576,8 @@ def analyse(runs: dict[str, list[dict]], args, command: str, prm_info: dict,
       + slope_txt + cut_note,
       f"Thresholds: plateau (the paper's: mean of those three) = "
       f"{thresholds['plateau'][1]:.4f}; final (the baseline's final mean) = "
-      f"{thresholds['final'][1]:.4f}."
+      f"{thresholds['final'][1]:.4f}; 90% of gain (start + 0.9 x (plateau - start)) = "
+      f"{thresholds['90% of gain'][1]:.4f}."
       + ("" if min(v for _, v in thresholds.values()) > start else
          f" A threshold at or below the start ({start:.4f}): the baseline did not improve, so "
          "every run reaches it at iteration 0 and that threshold's speed-ups (inf) are "
@@ -574,8 +586,8 @@ def analyse(runs: dict[str, list[dict]], args, command: str, prm_info: dict,
       "| run | seeds | iterations | final eval reward (mean +- SE over seeds) | "
       "gain over start | "
       "steps to plateau thr., seed-mean (per seed) | steps to final thr. (per seed) | "
-      "s / iteration |",
-      "|---|---|---|---|---|---|---|---|"]
+      "steps to 90% of gain (per seed) | s / iteration |",
+      "|---|---|---|---|---|---|---|---|---|"]
 
   def row(name, rs):
     c = _curves(rs)
@@ -589,7 +601,7 @@ def analyse(runs: dict[str, list[dict]], args, command: str, prm_info: dict,
     se_txt = f"{se:.4f}" if np.isfinite(se) else f"{rs[0]['stderr'][-1]:.4f} (prompts)"
     return (f"| {name} | {len(rs)} | {int(rs[0]['steps'][-1])} | "
             f"{final.mean():.4f} +- {se_txt} | "
-            f"{final.mean() - start:+.4f} | {cells[0]} | {cells[1]} | {spi[name]:.2f} |")
+            f"{final.mean() - start:+.4f} | {' | '.join(cells)} | {spi[name]:.2f} |")
 
   for name in METHODS:
     if name in runs:

@@ -47,6 +47,13 @@ def test_thresholds_and_speedup_of_a_curve_twice_as_fast():
   assert lo <= ratio <= hi and never == 0.0
   slow = base - 0.05  # never reaches
   assert conv.speedup(slow, base, STEPS, conv.final_threshold)[2] == 0.0
+  # 90% of the gain from the start (0.4) to the plateau; the exponential curve reaches it at
+  # t = -ln(1 - 0.9 g) / rate (g = the plateau's share of the asymptote's gain): twice as fast
+  g = (top[-3:].mean() - 0.4) / 0.1
+  assert conv.gain90_threshold(base) == pytest.approx(0.4 + 0.9 * 0.1 * g)
+  sb, sm, ratio = conv.speedup(fast, base, STEPS, conv.gain90_threshold)
+  assert sb == pytest.approx(-np.log(1 - 0.9 * g) / 0.1, abs=0.5)
+  assert ratio == pytest.approx(2.0, rel=0.06)
 
 
 def test_paired_differences_are_seed_by_seed():
@@ -81,6 +88,7 @@ def test_analyse_writes_every_table():
                       "guidance_z": 13.3}}
   text = conv.analyse(runs, args, "cmd", info)
   for needle in ("## Methods", "| euphonium | plateau |", "| euphonium | final |",
+                 "| euphonium | 90% of gain |",
                  "| guidance_off_dual | 3 |", "-0.0200 +- 0.0000", "## Distillation",
                  "| 30 |", "+0.0400 +- 0.0000", "Slope over iterations 21-30", "| distill_d0.1_k0.1 | 0.1 | 0.1 |",
                  "## PRM quality", "| shipped | all | 0.650 |", "flattened",
