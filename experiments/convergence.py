@@ -742,6 +742,20 @@ def analyse(runs: dict[str, list[dict]], args, command: str, prm_info: dict,
         d, k = name[len("distill_d"):].split("_k")
       lines.append(row(name, d, k, rs[0], -1))
     lines.append("")
+    # the gap over training, every run of the sweep (seed 0) beside distill_off's
+    gaps = [(n, rs[0]) for n, rs in [("distill_off", off)] + list(sweep.items())
+            if rs and "sde_guided" in rs[0]]
+    cols = [j for j, s in enumerate(gaps[0][1]["steps"]) if int(s) % 10 == 0] if gaps else []
+    if cols:
+      lines += ["The gap guided - unguided SDE over training (seed 0), and the ODE reward "
+                "beside it (gap / ODE):\n",
+                "| run | " + " | ".join(f"{int(gaps[0][1]['steps'][j])}" for j in cols) + " |",
+                "|---|" + "---|" * len(cols)]
+      for n, r in gaps:
+        lines.append(f"| {n} | " + " | ".join(
+            f"{r['sde_guided'][j] - r['sde_unguided'][j]:+.3f} / {r['reward'][j]:.3f}"
+            if j < len(r["steps"]) else "" for j in cols) + " |")
+      lines.append("")
   best = runs.get("distill_best")
   if best and off:
     lines += [f"The best cell ({best[0].get('cell', '?')}, highest final ODE reward at seed 0)"
@@ -760,6 +774,9 @@ def analyse(runs: dict[str, list[dict]], args, command: str, prm_info: dict,
     go = np.array([r["sde_guided"][-1] - r["sde_unguided"][-1] for r in off])
     lines += [f"| final gap guided - unguided | {len(gb)} / {len(go)} | {_pm(gb.mean(), _se(gb))} | "
               f"{_pm(go.mean(), _se(go))} | |", ""]
+    if "sde_guided" in best[0]:
+      lines += [f"The best cell's samplers over training ({len(best)} seeds):\n"]
+      lines += _sampler_lines(best)
 
   if prm_info:
     lines += ["## PRM quality against speed-up\n",
