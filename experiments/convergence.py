@@ -737,7 +737,8 @@ def analyse(runs: dict[str, list[dict]], args, command: str, prm_info: dict,
       if name in DISTILL_FROZEN:
         o = DISTILL_FROZEN[name]
         d = o["grpo.distill_coef"]
-        k = f"0 (frozen teacher, refreshed every {o['grpo.teacher_refresh_every'] or 'never'})"
+        every = o["grpo.teacher_refresh_every"]
+        k = f"0 (frozen teacher, {f'refreshed every {every}' if every else 'never refreshed'})"
       else:
         d, k = name[len("distill_d"):].split("_k")
       lines.append(row(name, d, k, rs[0], -1))
@@ -775,7 +776,7 @@ def analyse(runs: dict[str, list[dict]], args, command: str, prm_info: dict,
     lines += [f"| final gap guided - unguided | {len(gb)} / {len(go)} | {_pm(gb.mean(), _se(gb))} | "
               f"{_pm(go.mean(), _se(go))} | |", ""]
     if "sde_guided" in best[0]:
-      lines += [f"The best cell's samplers over training ({len(best)} seeds):\n"]
+      lines += [f"The best cell's samplers over training ({len(best)} seed{'s' * (len(best) > 1)}):\n"]
       lines += _sampler_lines(best)
 
   if prm_info:
