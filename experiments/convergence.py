@@ -481,6 +481,11 @@ def _pm(mean: float, se: float) -> str:
   return f"{mean:+.4f} +- {se:.4f}" if np.isfinite(se) else f"{mean:+.4f} (1 seed)"
 
 
+def _gap(r: dict, i: int) -> float:
+  """Run `r`'s guided minus unguided SDE reward at evaluation `i`."""
+  return r["sde_guided"][i] - r["sde_unguided"][i]
+
+
 def _sampler_lines(rs: list[dict]) -> list[str]:
   """A table of the guided SDE, unguided SDE and ODE rewards of runs `rs` at every evaluation
   (mean +- SE over seeds) and the gap guided - unguided paired per seed."""
@@ -704,11 +709,11 @@ def analyse(runs: dict[str, list[dict]], args, command: str, prm_info: dict,
                 "| beta | shift vs Euphonium's | guided SDE | unguided SDE | gap |",
                 "|---|---|---|---|---|",
                 f"| 0.5 (Euphonium) | 1x | {r0['sde_guided'][0]:.4f} | "
-                f"{r0['sde_unguided'][0]:.4f} | {r0['sde_guided'][0] - r0['sde_unguided'][0]:+.4f} |"]
+                f"{r0['sde_unguided'][0]:.4f} | {_gap(r0, 0):+.4f} |"]
       for b, r in sorted(probes.items(), reverse=True):
         lines.append(f"| {b:g} | {0.5 / b:g}x | {r['sde_guided'][0]:.4f} | "
                      f"{r['sde_unguided'][0]:.4f} | "
-                     f"{r['sde_guided'][0] - r['sde_unguided'][0]:+.4f} |")
+                     f"{_gap(r, 0):+.4f} |")
       lines.append("")
   off = runs.get("distill_off")
   if off:
@@ -729,7 +734,7 @@ def analyse(runs: dict[str, list[dict]], args, command: str, prm_info: dict,
               "|---|---|---|---|---|---|---|"]
     row = lambda name, d, k, r, i: (
         f"| {name} | {d} | {k} | {r['reward'][i]:.4f} | {r['sde_unguided'][i]:.4f} | "
-        f"{r['sde_guided'][i]:.4f} | {r['sde_guided'][i] - r['sde_unguided'][i]:+.4f} |")
+        f"{r['sde_guided'][i]:.4f} | {_gap(r, i):+.4f} |")
     for name, rs in [("euphonium", ref), ("distill_off", off)]:
       if rs and "sde_guided" in rs[0] and len(rs[0]["steps"]) > j:
         lines.append(row(f"{name} seed 0", 0, 0, rs[0], j))
@@ -754,7 +759,7 @@ def analyse(runs: dict[str, list[dict]], args, command: str, prm_info: dict,
                 "|---|" + "---|" * len(cols)]
       for n, r in gaps:
         lines.append(f"| {n} | " + " | ".join(
-            f"{r['sde_guided'][j] - r['sde_unguided'][j]:+.3f} / {r['reward'][j]:.3f}"
+            f"{_gap(r, j):+.3f} / {r['reward'][j]:.3f}"
             if j < len(r["steps"]) else "" for j in cols) + " |")
       lines.append("")
   best = runs.get("distill_best")
@@ -771,8 +776,8 @@ def analyse(runs: dict[str, list[dict]], args, command: str, prm_info: dict,
       mean, se, n = paired(best, off, key, at)
       lines.append(f"| {label} | {n} | {np.mean([pick(r) for r in best]):.4f} | "
                    f"{np.mean([pick(r) for r in off]):.4f} | {_pm(mean, se)} |")
-    gb = np.array([r["sde_guided"][-1] - r["sde_unguided"][-1] for r in best])
-    go = np.array([r["sde_guided"][-1] - r["sde_unguided"][-1] for r in off])
+    gb = np.array([_gap(r, -1) for r in best])
+    go = np.array([_gap(r, -1) for r in off])
     lines += [f"| final gap guided - unguided | {len(gb)} / {len(go)} | {_pm(gb.mean(), _se(gb))} | "
               f"{_pm(go.mean(), _se(go))} | |", ""]
     if "sde_guided" in best[0]:
