@@ -786,25 +786,39 @@ def analyse(runs: dict[str, list[dict]], args, command: str, prm_info: dict,
 
   if prm_info:
     lines += ["## PRM quality against speed-up\n",
+              "Euphonium with each PRM (the shipped one: the methods' runs), every PRM at the "
+              "shortest budget among them. Speed-up = DanceGRPO's steps / the run's steps to "
+              "the threshold on the seed-mean curves; the peak is the seed-mean curve's "
+              "highest evaluation; the PRM score is the training rollouts' (last 5 "
+              "iterations, mean over seeds).\n",
               "| PRM | training rollouts | Spearman, t <= 0.5 buckets (mean) | all buckets | "
-              "guidance check z | Euphonium seeds | iterations | final eval reward | "
-              "steps to plateau thr. (seed-mean) | speed-up over DanceGRPO, plateau thr. |",
-              "|---|---|---|---|---|---|---|---|---|---|"]
+              "guidance check z | Euphonium seeds | iterations | peak eval reward (iteration) "
+              "| mean over evaluations | final eval reward | speed-up, plateau thr. | "
+              "speed-up, 90% of gain thr. | training PRM score, last 5 |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     # every PRM at the shortest budget among them (the shipped PRM's runs are the methods')
     prm_runs = {n: runs.get(n if n != "shipped" else "euphonium") for n in prm_info}
     m = min([len(rs[0]["steps"]) for rs in prm_runs.values() if rs] or [len(steps)])
-    sb = steps_to(steps, base.mean(0), thresholds["plateau"][1])
+
+    def prm_speedup(curve, thr):
+      sb, sm = (steps_to(steps, base.mean(0), thresholds[thr][1]),
+                steps_to(steps[:m], curve, thresholds[thr][1]))
+      return "never" if np.isinf(sm) else f"{sb / sm:.2f}x" if sm > 0 else "inf"
+
     for name, info in prm_info.items():
       rs = prm_runs[name]
       if not rs:
         continue
       c = _curves(rs)[:, :m]
-      sm = steps_to(steps[:m], c.mean(0), thresholds["plateau"][1])
-      ratio = "never" if np.isinf(sm) else f"{sb / sm:.2f}" if sm > 0 else "inf"
+      mc = c.mean(0)
+      score = ([r["process_reward"][-5:].mean() for r in rs]
+               if all("process_reward" in r for r in rs) else [])
       lines.append(f"| {name} | {info['prompts']} | {info['spearman_low_t']:.3f} | "
                    f"{info['spearman_all']:.3f} | {info['guidance_z']:.1f} | {len(rs)} | "
-                   f"{int(steps[m - 1])} | {c[:, -1].mean():.4f} | {_steps_txt(sm)} | "
-                   f"{ratio} |")
+                   f"{int(steps[m - 1])} | {mc.max():.4f} ({int(steps[int(mc.argmax())])}) | "
+                   f"{mc.mean():.4f} | {c[:, -1].mean():.4f} | {prm_speedup(mc, 'plateau')} | "
+                   f"{prm_speedup(mc, '90% of gain')} | "
+                   + (f"{np.mean(score):.4f}" if score else "") + " |")
     lines.append("")
   return "\n".join(lines) + "\n"
 
@@ -922,6 +936,9 @@ def main() -> None:
                       "(Euphonium's reward falls after iteration 20-30, so a shorter budget "
                       "misses it; each run is paired with Euphonium's evaluations up to its "
                       "own last one)")
+  p.add_argument("--reading", default="",
+                 help="a Markdown file of the written reading of the results, put into the "
+                      "report under '## Reading' before its tables")
   p.add_argument("--eval_every", type=int, default=3)
   p.add_argument("--eval_prompts", type=int, default=128)
   p.add_argument("--prompts", type=int, default=0,
@@ -1027,6 +1044,11 @@ def main() -> None:
     if r is not None:
       probes[b] = r
   text = analyse(runs, args, command, prm_info, timing, probes)
+  if args.reading:
+    with open(args.reading) as f:
+      reading = f.read().strip()
+    head, sep, tables = text.partition("\n## ")
+    text = f"{head}\n## Reading\n\n{reading}\n{sep}{tables}"
   os.makedirs(os.path.dirname(args.out), exist_ok=True)
   with open(args.out + ".md", "w") as f:
     f.write(text + f"\n![curves]({os.path.basename(args.out)}.png)\n")

@@ -164,6 +164,13 @@ def test_a_shorter_ablation_budget_is_paired_at_the_same_iteration():
   # the PRM rows share the shortest budget: the shipped PRM's runs are cut to 15 as well
   rows = [l for l in text.splitlines() if l.startswith(("| shipped | all", "| prm_half | 1/2"))]
   assert len(rows) == 2 and all(l.split("|")[7].strip() == "15" for l in rows)
+  # peak (at its iteration) and mean of the seed-mean curve over the shared budget
+  cells = {l.split("|")[1].strip(): [c.strip() for c in l.split("|")] for l in rows}
+  mean_eu = np.mean([r["reward"][:6] for r in eu], 0)
+  peak = f"{mean_eu.max() + 0.01:.4f} ({int(STEPS[mean_eu.argmax()])})"
+  assert cells["prm_half"][8] == peak
+  assert float(cells["prm_half"][9]) == pytest.approx(mean_eu.mean() + 0.01, abs=1e-4)
+  assert float(cells["shipped"][9]) == pytest.approx(mean_eu.mean(), abs=1e-4)
   # a method with a shorter budget than the baseline's: it has not reached the plateau
   # threshold (the baseline's curve reaches it after 15), so never within its budget
   cut = dict(runs, flow_grpo=[short(run(saturating(0.1) + e, 9.0)) for e in (-0.01, 0, 0.01)])
