@@ -300,3 +300,23 @@ def test_the_baseline_slope_over_the_last_third():
   args = types.SimpleNamespace(eval_prompts=128, prompts=8, jobs=2, timing_iterations=5)
   text = conv.analyse(runs, args, "cmd", {})
   assert "(each seed's least-squares line, per 10 iterations): +0.0200 +- 0.0000 over 3 seeds" in text
+
+
+def test_the_early_table_is_steps_to_the_baselines_reward_at_the_early_budget(monkeypatch):
+  monkeypatch.setattr(conv, "EARLY_AT", 9)
+  line = lambda slope, e=0.0: 0.4 + slope * STEPS + e
+  runs = {"dance_grpo": [run(line(0.01, e)) for e in (-0.01, 0, 0.01)],
+          "euphonium": [run(line(0.02, e)) for e in (-0.01, 0, 0.01)],  # twice as fast
+          # rises 4x as fast, then falls: its peak is at 6
+          "guidance_off_dual": [run(np.minimum(line(0.04), 0.64 - 0.02 * (STEPS - 6)) + e)
+                                for e in (-0.01, 0.01)]}
+  args = types.SimpleNamespace(eval_prompts=128, prompts=8, jobs=2, timing_iterations=5)
+  text = conv.analyse(runs, args, "cmd", {})
+  assert "DanceGRPO's seed-mean reward at iteration 9 = 0.4900" in text
+  rows = {l.split("|")[1].strip(): [c.strip() for c in l.split("|")]
+          for l in text.split("## Early")[1].split("##")[0].splitlines() if l.startswith("| ")}
+  assert rows["euphonium"][3] == "0.5800 +- 0.0058" and rows["euphonium"][4] == "4.5"
+  assert rows["euphonium"][5].startswith("2.00 (") and rows["euphonium"][7] == "1.0000 (30)"
+  assert rows["dance_grpo"][5] == "(the baseline)"
+  assert rows["guidance_off_dual"][4] == "2.2" and rows["guidance_off_dual"][5].startswith("4.00")
+  assert rows["guidance_off_dual"][7] == "0.6400 (6)"
