@@ -706,7 +706,9 @@ def analyse(runs: dict[str, list[dict]], args, command: str, prm_info: dict,
 
   if EARLY_AT in steps:
     lines += _early_lines(runs, base, steps, abl)
-  sig = [n for n in list(METHODS) + abl if n in runs
+  distill = (["distill_off"] + [f"distill_d{d}_k{k}" for d in DISTILL_COEFS for k in KL_COEFS]
+             + list(DISTILL_FROZEN) + ["distill_best"])
+  sig = [n for n in list(METHODS) + abl + distill if n in runs
          and all("train_reward" in r for r in runs[n])]
   if sig:
     lines += ["## Training signals\n",
