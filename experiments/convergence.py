@@ -547,7 +547,8 @@ def _early_lines(runs, base, steps, abl) -> list[str]:
     else:
       sp, nv = f"{ratio:.2f} (1 seed)", ""
     mc = c.mean(0)
-    lines.append(f"| {name} | {len(c)} | {mc[i]:.4f} +- {_se(c[:, i]):.4f} | "
+    at = f"{mc[i]:.4f} +- {_se(c[:, i]):.4f}" if len(c) > 1 else f"{mc[i]:.4f}"
+    lines.append(f"| {name} | {len(c)} | {at} | "
                  f"{_steps_txt(sm)} | {sp} | {nv} | "
                  f"{mc.max():.4f} ({int(steps[int(mc.argmax())])}) | {mc[-1]:.4f} |")
   return lines + [""]
