@@ -132,6 +132,9 @@ DISTILL_FROZEN = {
 # (500x the shift); one iteration each, its evaluation at iteration 0 is the probe.
 GUIDANCE_BETAS = (0.1, 0.02, 0.005, 0.001)
 PRM_FRACTIONS = {"prm_quarter": 4, "prm_half": 2}  # name -> 1 / fraction of the rollouts
+# Every distillation run's name, in the report's order.
+DISTILL_RUNS = (["distill_off"] + [f"distill_d{d}_k{k}" for d in DISTILL_COEFS for k in KL_COEFS]
+                + list(DISTILL_FROZEN) + ["distill_best"])
 
 
 def _flag(key, value) -> str:
@@ -487,6 +490,11 @@ def _pm(mean: float, se: float) -> str:
   return f"{mean:+.4f} +- {se:.4f}" if np.isfinite(se) else f"{mean:+.4f} (1 seed)"
 
 
+def _peak(curve: np.ndarray, steps: np.ndarray) -> str:
+  """A curve's highest evaluation and the iteration of it."""
+  return f"{curve.max():.4f} ({int(steps[int(curve.argmax())])})"
+
+
 def _gap(r: dict, i: int) -> float:
   """Run `r`'s guided minus unguided SDE reward at evaluation `i`."""
   return r["sde_guided"][i] - r["sde_unguided"][i]
@@ -550,7 +558,7 @@ def _early_lines(runs, base, steps, abl) -> list[str]:
     at = f"{mc[i]:.4f} +- {_se(c[:, i]):.4f}" if len(c) > 1 else f"{mc[i]:.4f}"
     lines.append(f"| {name} | {len(c)} | {at} | "
                  f"{_steps_txt(sm)} | {sp} | {nv} | "
-                 f"{mc.max():.4f} ({int(steps[int(mc.argmax())])}) | {mc[-1]:.4f} |")
+                 f"{_peak(mc, steps)} | {mc[-1]:.4f} |")
   return lines + [""]
 
 
@@ -707,9 +715,7 @@ def analyse(runs: dict[str, list[dict]], args, command: str, prm_info: dict,
 
   if EARLY_AT in steps:
     lines += _early_lines(runs, base, steps, abl)
-  distill = (["distill_off"] + [f"distill_d{d}_k{k}" for d in DISTILL_COEFS for k in KL_COEFS]
-             + list(DISTILL_FROZEN) + ["distill_best"])
-  sig = [n for n in list(METHODS) + abl + distill if n in runs
+  sig = [n for n in list(METHODS) + abl + DISTILL_RUNS if n in runs
          and all("train_reward" in r for r in runs[n])]
   if sig:
     lines += ["## Training signals\n",
@@ -842,10 +848,9 @@ def analyse(runs: dict[str, list[dict]], args, command: str, prm_info: dict,
     prm_runs = {n: runs.get(n if n != "shipped" else "euphonium") for n in prm_info}
     m = min([len(rs[0]["steps"]) for rs in prm_runs.values() if rs] or [len(steps)])
 
-    def prm_speedup(curve, thr):
-      sb, sm = (steps_to(steps, base.mean(0), thresholds[thr][1]),
-                steps_to(steps[:m], curve, thresholds[thr][1]))
-      return "never" if np.isinf(sm) else f"{sb / sm:.2f}x" if sm > 0 else "inf"
+    def prm_speedup(c, thr):
+      ratio = speedup(c, base, steps, thresholds[thr][0])[2]
+      return "never" if ratio == 0 else f"{ratio:.2f}x"
 
     for name, info in prm_info.items():
       rs = prm_runs[name]
@@ -857,9 +862,9 @@ def analyse(runs: dict[str, list[dict]], args, command: str, prm_info: dict,
                if all("process_reward" in r for r in rs) else [])
       lines.append(f"| {name} | {info['prompts']} | {info['spearman_low_t']:.3f} | "
                    f"{info['spearman_all']:.3f} | {info['guidance_z']:.1f} | {len(rs)} | "
-                   f"{int(steps[m - 1])} | {mc.max():.4f} ({int(steps[int(mc.argmax())])}) | "
-                   f"{mc.mean():.4f} | {c[:, -1].mean():.4f} | {prm_speedup(mc, 'plateau')} | "
-                   f"{prm_speedup(mc, '90% of gain')} | "
+                   f"{int(steps[m - 1])} | {_peak(mc, steps)} | "
+                   f"{mc.mean():.4f} | {c[:, -1].mean():.4f} | {prm_speedup(c, 'plateau')} | "
+                   f"{prm_speedup(c, '90% of gain')} | "
                    + (f"{np.mean(score):.4f}" if score else "") + " |")
     lines.append("")
   return "\n".join(lines) + "\n"
@@ -1064,8 +1069,7 @@ def main() -> None:
                   for s in todo], args)
 
   # Read every finished run in the workdir (parts run earlier included).
-  names = (list(METHODS) + list(ABLATIONS) + ["distill_off"] + list(sweep) + list(DISTILL_FROZEN)
-           + ["distill_best"] + list(PRM_FRACTIONS))
+  names = list(METHODS) + list(ABLATIONS) + DISTILL_RUNS + list(PRM_FRACTIONS)
   for name in names:
     for s in range(max(args.seeds, args.ablation_seeds)):
       add(name, s)
